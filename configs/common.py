@@ -1,0 +1,74 @@
+"""Shared config pieces: plain functions returning ConfigDicts."""
+
+from __future__ import annotations
+
+from ml_collections import ConfigDict
+
+# Logical axis -> mesh axes. FSDP shards every weight's 'embed' dimension;
+# tensor parallelism splits heads and the MLP width.
+DEFAULT_RULES = (
+    ('batch', ('data', 'fsdp')),
+    ('embed', 'fsdp'),
+    ('vocab', 'tensor'),
+    ('mlp', 'tensor'),
+    ('heads', 'tensor'),
+    ('kv_heads', 'tensor'),
+)
+
+
+def model(*, d_model: int, num_layers: int, num_heads: int, num_kv_heads: int,
+          mlp_dim: int, head_dim: int | None = None, **extra) -> ConfigDict:
+  """A models.llama.ModelConfig's fields (vocab_size comes from the tokenizer)."""
+  return ConfigDict(dict(d_model=d_model, num_layers=num_layers, num_heads=num_heads,
+                         num_kv_heads=num_kv_heads, head_dim=head_dim or d_model // num_heads,
+                         mlp_dim=mlp_dim, rope_theta=10_000.0, tie_embeddings=True,
+                         dtype='float32', remat=False, **extra))
+
+
+def optim(*, lr: float = 1e-3, warmup_steps: int = 20, schedule: str = 'cosine',
+          weight_decay: float = 0.01) -> ConfigDict:
+  """AdamW (Loshchilov & Hutter) with clipping; schedule 'cosine' | 'wsd' | 'constant'."""
+  return ConfigDict(dict(lr=lr, warmup_steps=warmup_steps, schedule=schedule,
+                         min_lr_ratio=0.1, decay_fraction=0.2, b1=0.9, b2=0.95, eps=1e-8,
+                         weight_decay=weight_decay, grad_clip=1.0))
+
+
+def reasoning_gym_source(tasks, *, train_size: int, eval_size: int, weight: float = 1.0,
+                         task_kwargs: dict | None = None) -> ConfigDict:
+  """Math/STEM tasks from reasoning-gym; train_size/eval_size are per task."""
+  return ConfigDict(dict(kind='reasoning_gym', weight=weight, tasks=tuple(tasks),
+                         train_size=train_size, eval_size=eval_size,
+                         task_kwargs=ConfigDict(task_kwargs or {})))
+
+
+def sft_stage(name: str, *, model: str, steps: int, batch_size: int, seq_len: int,
+              sources: dict, lr: float = 1e-3, init_from: str = 'previous',
+              eval_max_new_tokens: int = 64) -> ConfigDict:
+  """An SFT stage. init_from: 'previous' (the last earlier stage of the same
+  model, or scratch if none), 'scratch', or a params checkpoint folder."""
+  return ConfigDict(dict(
+      name=name, kind='sft', model=model, init_from=init_from,
+      steps=steps, batch_size=batch_size, seq_len=seq_len, grad_accum=1,
+      optim=optim(lr=lr, warmup_steps=max(steps // 20, 1)),
+      data=ConfigDict(dict(sources=ConfigDict(sources))),
+      eval=ConfigDict(dict(max_new_tokens=eval_max_new_tokens, batch_size=64)),
+      checkpoint_every=max(steps // 4, 1), log_every=max(min(steps // 20, 50), 1)))
+
+
+def base(seed: int = 0, vocab_size: int = 1024) -> ConfigDict:
+  config = ConfigDict()
+  config.seed = seed
+  config.mesh = ConfigDict(dict(shape=(1, -1, 1), rules=DEFAULT_RULES))
+  config.tokenizer = ConfigDict(dict(vocab_size=vocab_size))
+  config.models = ConfigDict()
+  config.stages = []
+  return config
+
+
+def lock(config: ConfigDict) -> ConfigDict:
+  """Locks the config and every stage in its list (lock does not reach into
+  lists): a mistyped override then fails and names the key."""
+  for stage in config.stages:
+    stage.lock()
+  config.lock()
+  return config

@@ -1,0 +1,1 @@
+"""Data: tokenizer, chat template, sources and grain pipelines."""

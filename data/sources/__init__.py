@@ -1,0 +1,1 @@
+"""Record sources: each module turns a task collection into chat records."""

@@ -1,0 +1,293 @@
+"""Math tasks from reasoning_gym as chat records, with worked traces and scorers.
+
+A record is
+    {"id": "basic_arithmetic/train/17", "task": ..., "question": ..., "answer": ...,
+     "messages": [{"role": "user", "content": question},
+                  {"role": "assistant", "content": "<think>trace</think><answer>answer</answer>"}],
+     "entry": json.dumps(reasoning_gym entry)}
+where the trace is a genuine step-by-step computation for the tasks we can
+solve exactly (arithmetic expressions, GCD) and empty otherwise.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import re
+from collections.abc import Collection, Mapping, Sequence
+
+import reasoning_gym
+
+SPLITS = ("train", "eval")
+DEFAULT_TASKS = ("basic_arithmetic", "chain_sum", "gcd")
+# Small problems: a ~1M-parameter model must be able to learn these.
+DEFAULT_TASK_KWARGS = {
+    "basic_arithmetic": dict(min_terms=2, max_terms=3, min_digits=1, max_digits=2),
+    "chain_sum": dict(min_terms=2, max_terms=3, min_digits=1, max_digits=2),
+    "gcd": dict(min_numbers=2, max_numbers=2, min_value=1, max_value=99),
+    "leg_counting": dict(min_animals=1, max_animals=2, max_instances=3),
+}
+# By default train drops questions from an eval split this large, which covers
+# any eval set we build, so train does not leak whatever size eval asks for.
+EVAL_GUARD_SIZE = 2000
+# Tiny task configs have few distinct questions; stop rather than loop forever.
+_MAX_DRAWS_PER_ITEM = 20
+
+
+# ----------------------------------------------------------------- traces ---
+
+_TOKEN_RE = re.compile(r"\s*(\d+|[-+*/()])")
+
+
+def _tokenize(expression: str) -> list[str]:
+  tokens, pos = [], 0
+  expression = expression.rstrip()
+  while pos < len(expression):
+    match = _TOKEN_RE.match(expression, pos)
+    if match is None:
+      raise ValueError(f"Cannot tokenize {expression!r} at position {pos}.")
+    tokens.append(match.group(1))
+    pos = match.end()
+  return tokens
+
+
+class _Parser:
+  """Recursive descent with Python's precedence: unary minus > * / > + -."""
+
+  def __init__(self, tokens: list[str]):
+    self.tokens, self.pos = tokens, 0
+
+  def parse(self):
+    node = self.expr()
+    if self.pos != len(self.tokens):
+      raise ValueError(f"Unexpected token {self.tokens[self.pos]!r}.")
+    return node
+
+  def peek(self):
+    return self.tokens[self.pos] if self.pos < len(self.tokens) else None
+
+  def take(self):
+    self.pos += 1
+    return self.tokens[self.pos - 1]
+
+  def expr(self):
+    node = self.term()
+    while self.peek() in ("+", "-"):
+      node = ("bin", self.take(), node, self.term())
+    return node
+
+  def term(self):
+    node = self.unary()
+    while self.peek() in ("*", "/"):
+      node = ("bin", self.take(), node, self.unary())
+    return node
+
+  def unary(self):
+    if self.peek() == "-":
+      self.take()
+      operand = self.unary()
+      # "-7" is a literal, not a step worth writing down.
+      return ("num", -operand[1]) if operand[0] == "num" else ("neg", operand)
+    if self.peek() == "(":
+      self.take()
+      node = self.expr()
+      if self.take() != ")":
+        raise ValueError("Unbalanced parentheses.")
+      return node
+    token = self.take() if self.peek() is not None else None
+    if token is None or not token.isdigit():
+      raise ValueError(f"Expected a number, got {token!r}.")
+    return ("num", int(token))
+
+
+def _evaluate(node, steps: list[str]) -> int:
+  """Evaluates innermost-first, left to right, writing one line per operation."""
+  if node[0] == "num":
+    return node[1]
+  if node[0] == "neg":
+    value = _evaluate(node[1], steps)
+    steps.append(f"-({value}) = {-value}")
+    return -value
+  _, op, left, right = node
+  a, b = _evaluate(left, steps), _evaluate(right, steps)
+  # reasoning_gym evaluates "/" as floor division (eval with "//").
+  value = {"+": a + b, "-": a - b, "*": a * b, "/": a // b if b else None}[op]
+  if value is None:
+    raise ZeroDivisionError(f"{a} / {b}")
+  steps.append(f"{a} {op} {b} = {value}")
+  return value
+
+
+def arithmetic_trace(expression: str) -> tuple[str, int]:
+  """One line per operation, e.g. "5 - 3 = 2\\n2 - 6 = -4".
+
+  Returns:
+    (trace, value): the trace text and the value it arrives at.
+  """
+  steps: list[str] = []
+  value = _evaluate(_Parser(_tokenize(expression)).parse(), steps)
+  return "\n".join(steps), value
+
+
+def gcd_trace(numbers: Sequence[int]) -> tuple[str, int]:
+  """Euclid's algorithm, one remainder per line, folded over the numbers."""
+  steps, result = [], numbers[0]
+  for n in numbers[1:]:
+    a, b = max(result, n), min(result, n)
+    while b:
+      steps.append(f"{a} mod {b} = {a % b}")
+      a, b = b, a % b
+    result = a
+  return "\n".join(steps), result
+
+
+def _trace(task: str, entry: dict) -> str:
+  """A verified trace for `entry`, or "" when we cannot produce a correct one."""
+  try:
+    if task in ("basic_arithmetic", "chain_sum"):
+      trace, value = arithmetic_trace(entry["metadata"]["expression"])
+    elif task == "gcd":
+      trace, value = gcd_trace(entry["metadata"]["numbers"])
+    else:
+      return ""
+  except (ValueError, ZeroDivisionError, KeyError):
+    return ""
+  # A trace that disagrees with the reference would teach wrong arithmetic.
+  return trace if str(value) == entry["answer"].strip() else ""
+
+
+# ---------------------------------------------------------------- records ---
+
+
+def _split_seed(seed: int, split: str, task: str) -> int:
+  # Hashing spreads seeds apart: reasoning_gym item i uses Random(seed + i), so
+  # nearby seeds would generate overlapping items.
+  digest = hashlib.sha256(f"{seed}/{split}/{task}".encode()).digest()
+  return int.from_bytes(digest[:4], "little") >> 1
+
+
+def _records(
+    task: str, split: str, size: int, seed: int, kwargs: dict,
+    exclude: Collection[str] = (),
+) -> list[dict]:
+  """The first `size` items of the split whose question is not in `exclude`."""
+  dataset = reasoning_gym.create_dataset(
+      task, size=max(size, 1), seed=_split_seed(seed, split, task), **kwargs
+  )
+  records = []
+  for index in range(size * _MAX_DRAWS_PER_ITEM):
+    if len(records) == size:
+      return records
+    entry = dataset[index]
+    question, answer = entry["question"], str(entry["answer"])
+    if question in exclude:
+      continue
+    completion = f"<think>{_trace(task, entry)}</think><answer>{answer}</answer>"
+    records.append({
+        "id": f"{task}/{split}/{index}",
+        "task": task,
+        "question": question,
+        "answer": answer,
+        "messages": [
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": completion},
+        ],
+        "entry": json.dumps(entry),
+    })
+  raise ValueError(
+      f"Task {task!r} with {kwargs} has too few distinct questions outside the"
+      f" eval split to make {size} {split} records; make the task harder or"
+      " ask for fewer."
+  )
+
+
+def make_records(
+    task_names: Sequence[str] = DEFAULT_TASKS,
+    split: str = "train",
+    size_per_task: int = 1000,
+    seed: int = 0,
+    task_kwargs: Mapping[str, dict] | None = None,
+    *,
+    eval_guard_size: int = EVAL_GUARD_SIZE,
+) -> list[dict]:
+  """Generates records for one split; train never contains an eval question.
+
+  Args:
+    task_names: reasoning_gym dataset names.
+    split: 'train' or 'eval'; each gets its own seed derived from `seed`.
+    size_per_task: records per task.
+    seed: base seed.
+    task_kwargs: per-task config kwargs, merged over DEFAULT_TASK_KWARGS.
+    eval_guard_size: train drops every question among the first this many
+      eval items of each task; it must be at least the eval size you use.
+
+  Returns:
+    Records, task by task, in generation order.
+  """
+  if split not in SPLITS:
+    raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
+  task_kwargs = dict(task_kwargs or {})
+  unknown = set(task_kwargs) - set(task_names)
+  if unknown:
+    raise ValueError(f"task_kwargs names tasks not in task_names: {sorted(unknown)}.")
+  records = []
+  for task in task_names:
+    kwargs = {**DEFAULT_TASK_KWARGS.get(task, {}), **task_kwargs.get(task, {})}
+    exclude = set()
+    if split == "train":
+      # Eval first, so that train can drop whatever eval may contain.
+      guard = _records(task, "eval", eval_guard_size, seed, kwargs)
+      exclude = {r["question"] for r in guard}
+    records += _records(task, split, size_per_task, seed, kwargs, exclude)
+  return records
+
+
+def check_disjoint(train: Sequence[dict], eval_: Sequence[dict]) -> None:
+  """Raises ValueError if any eval question also appears in train."""
+  train_questions = {r["question"] for r in train}
+  leaked = [r["id"] for r in eval_ if r["question"] in train_questions]
+  if leaked:
+    raise ValueError(f"{len(leaked)} eval questions appear in train, e.g. {leaked[:5]}.")
+
+
+# ---------------------------------------------------------------- scoring ---
+
+
+def extract_answer(completion: str) -> str | None:
+  """The stripped content of the last complete `<answer>...</answer>`, or None."""
+  end = completion.rfind("</answer>")
+  if end < 0:
+    return None
+  start = completion.rfind("<answer>", 0, end)
+  if start < 0:
+    return None
+  answer = completion[start + len("<answer>"):end].strip()
+  return answer or None
+
+
+@functools.lru_cache(maxsize=None)
+def _score_fn(task: str):
+  return reasoning_gym.get_score_answer_fn(task)
+
+
+def score(record: dict, completion: str, *, partial_credit: bool = False) -> float:
+  """Scores a completion with the task's own reasoning_gym scorer.
+
+  Args:
+    record: a record from `make_records`.
+    completion: the generated assistant text.
+    partial_credit: keep reasoning_gym's partial scores. Off by default because
+      its default scorer pays len(oracle)/len(answer) whenever the answer
+      merely contains the oracle (oracle "2", answer "12" scores 0.5), which a
+      policy can exploit; off, anything short of full marks scores 0.
+
+  Returns:
+    A reward in [0, 1]; 0.0 when there is no answer.
+  """
+  answer = extract_answer(completion)
+  if answer is None:
+    return 0.0
+  value = float(_score_fn(record["task"])(answer, json.loads(record["entry"])))
+  return value if partial_credit else float(value >= 1.0)

@@ -1,0 +1,107 @@
+"""orbax checkpoints: a stage's resumable state and its final params.
+
+Layout of a stage folder:
+  checkpoints/<step>/   train state (params, opt state, step, rng) + data iterator state
+  final/                params only, written when the stage finishes; the next
+                        stage (or `init_from`) loads these.
+Restores check every array's shape against the model first and refuse a
+mismatch with the first mismatching parameter's name, without touching the
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def _flat_shapes(tree) -> dict[str, tuple]:
+  """{'blocks/0/attn/wq_dnh': shape}, from arrays or orbax metadata alike."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    name = '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
+    out[name] = tuple(leaf.shape)
+  return out
+
+
+def check_shapes(saved_tree, target_tree, path: str) -> None:
+  """Raises ValueError naming the first parameter whose shape differs."""
+  saved, target = _flat_shapes(saved_tree), _flat_shapes(target_tree)
+  for name, shape in target.items():
+    if name not in saved:
+      raise ValueError(f'checkpoint {path} has no parameter {name!r} '
+                       f'(model expects shape {shape}); it holds {sorted(saved)[:8]}...')
+    if saved[name] != shape:
+      raise ValueError(f'checkpoint {path}: parameter {name!r} has shape {saved[name]} '
+                       f'but the model expects {shape}; check the model config '
+                       'against the run that wrote it (the checkpoint is left untouched)')
+  extra = sorted(set(saved) - set(target))
+  if extra:
+    raise ValueError(f'checkpoint {path} has parameters the model lacks: {extra[:8]}')
+
+
+def _abstract(tree):
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+class StageCheckpointer:
+  """Periodic, resumable checkpoints of one stage (orbax CheckpointManager)."""
+
+  def __init__(self, stage_dir: str, save_every: int, keep: int = 2):
+    self.directory = os.path.join(stage_dir, 'checkpoints')
+    self.save_every = save_every
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        item_names=('state', 'data'),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state, data_state: dict, *, force: bool = False) -> bool:
+    """Saves when step is a multiple of save_every (or force); returns whether it did."""
+    if not force and (self.save_every <= 0 or step % self.save_every):
+      return False
+    if self._manager.latest_step() == step:
+      return False
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
+    return True
+
+  def restore(self, step: int, like_state) -> tuple[Any, dict]:
+    """Restores (state, data_state) onto the shardings of `like_state`."""
+    path = os.path.join(self.directory, str(step))
+    saved = self._manager.item_metadata(step)['state']
+    check_shapes(saved, like_state, path)
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(_abstract(like_state)), data=ocp.args.JsonRestore()))
+    return restored['state'], restored['data']
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def save_params(path: str, params) -> None:
+  """Writes params alone (a stage's `final/`), atomically: orbax writes to a
+  temporary folder and renames it, so a killed save leaves no half folder."""
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.abspath(path), params, force=True)
+  checkpointer.wait_until_finished()
+
+
+def load_params(path: str, like_params):
+  """Loads params saved by `save_params` onto the shardings of `like_params`
+  (arrays or ShapeDtypeStructs with shardings)."""
+  path = os.path.abspath(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'no params checkpoint at {path}')
+  checkpointer = ocp.StandardCheckpointer()
+  check_shapes(checkpointer.metadata(path).item_metadata.tree, like_params, path)
+  return checkpointer.restore(path, _abstract(like_params))

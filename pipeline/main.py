@@ -1,0 +1,49 @@
+"""Command line: parse flags, then hand the config to the stage runner.
+
+  python -m pipeline.main --config=configs/default.py --workdir=runs/demo \
+      --config.stages.0.steps=10
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder of the run.', required=True)
+
+
+def index_overrides(argv: list[str]) -> list[str]:
+  """`--config.stages.0.steps=10` -> `--config.stages[0].steps=10`: config_flags
+  parses override paths as Python expressions, where `stages.0` is not valid."""
+  out = []
+  for arg in argv:
+    if arg.startswith('--config.'):
+      key, eq, value = arg.partition('=')
+      arg = re.sub(r'\.(\d+)(?=\.|$)', r'[\1]', key) + eq + value
+    out.append(arg)
+  return out
+
+
+def main(argv):
+  del argv
+  from pipeline import distributed, loop, runner
+  distributed.initialize()
+  loop.install_sigterm_handler()
+  try:
+    runner.run_pipeline(_CONFIG.value, _WORKDIR.value)
+  except loop.Preempted as e:
+    logging.warning('%s; re-run the same command to resume', e)
+
+
+def run() -> None:
+  sys.argv = index_overrides(sys.argv)
+  app.run(main)
+
+
+if __name__ == '__main__':
+  run()

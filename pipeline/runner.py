@@ -1,0 +1,169 @@
+"""Runs a config's ordered stages, skipping finished ones, resuming the first
+unfinished one from its latest checkpoint.
+
+workdir/
+  config.json           the resolved config of the run
+  summary.json          {"stages": [{"name", "kind", "status", "steps", "wall_s", "eval"}]}
+  tokenizer/            the sentencepiece model trained on the run's corpus
+  <stage name>/         checkpoints/, final/, tensorboard/, eval.md
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import time
+
+import jax
+from absl import logging
+from jax.experimental import multihost_utils
+
+from data.tokenizer import Tokenizer, train_tokenizer
+from models.llama import ModelConfig
+from pipeline import loop, sft, sharding, stage_data
+
+STAGE_KINDS = {'sft': sft.run}
+
+
+def check_workdir(workdir: str) -> None:
+  """Fails early (before any compute) when the workdir cannot be written."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=workdir):
+      pass
+  except OSError as e:
+    raise ValueError(f'--workdir={workdir} is not a writable directory: {e}') from e
+
+
+def validate(config) -> None:
+  """Config errors that would otherwise surface mid-run."""
+  names = [s.name for s in config.stages]
+  if len(set(names)) != len(names):
+    raise ValueError(f'config.stages names must be unique, got {names}')
+  for i, stage in enumerate(config.stages):
+    if stage.kind not in STAGE_KINDS:
+      raise ValueError(f'config.stages[{i}].kind={stage.kind!r} (stage {stage.name!r}) is '
+                       f'not a stage kind; valid kinds: {sorted(STAGE_KINDS)}')
+    if stage.model not in config.models:
+      raise ValueError(f'config.stages[{i}].model={stage.model!r} is not in config.models '
+                       f'({sorted(config.models)})')
+
+
+def model_configs(config, vocab_size: int) -> dict[str, ModelConfig]:
+  """ModelConfigs from config.models; the vocab comes from the run's tokenizer."""
+  fields = {f.name for f in dataclasses.fields(ModelConfig)}
+  out = {}
+  for name, cfg in config.models.items():
+    unknown = set(cfg.keys()) - fields
+    if unknown:
+      raise ValueError(f'config.models.{name} has unknown keys {sorted(unknown)}; '
+                       f'valid: {sorted(fields)}')
+    kwargs = {'vocab_size': vocab_size, **cfg.to_dict()}
+    if kwargs['vocab_size'] != vocab_size:
+      raise ValueError(f'config.models.{name}.vocab_size={kwargs["vocab_size"]} but the '
+                       f'tokenizer has {vocab_size} tokens')
+    out[name] = ModelConfig(**kwargs)
+  return out
+
+
+def ensure_tokenizer(config, workdir: str) -> Tokenizer:
+  """Trains the run's tokenizer on its training corpus once; later runs load it."""
+  path = os.path.join(workdir, 'tokenizer', 'tokenizer.model')
+  if not os.path.exists(path) and jax.process_index() == 0:
+    texts = []
+    for stage in config.stages:
+      texts += stage_data.corpus_texts(stage.data, seed=config.seed)
+    train_tokenizer(texts, config.tokenizer.vocab_size, os.path.dirname(path))
+  multihost_utils.sync_global_devices('tokenizer')
+  return Tokenizer.load(path)
+
+
+class Summary:
+  """summary.json: one entry per stage, rewritten atomically after each stage."""
+
+  def __init__(self, workdir: str, config, write: bool):
+    self.path = os.path.join(workdir, 'summary.json')
+    self.write_enabled = write
+    old = {}
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        old = {s['name']: s for s in json.load(f)['stages']}
+    self.stages = [old.get(s.name) or {'name': s.name, 'kind': s.kind, 'status': 'pending',
+                                       'steps': 0, 'wall_s': 0.0, 'eval': {}}
+                   for s in config.stages]
+
+  def entry(self, name: str) -> dict:
+    return next(s for s in self.stages if s['name'] == name)
+
+  def save(self) -> None:
+    if not self.write_enabled:
+      return
+    tmp = self.path + '.tmp'
+    with open(tmp, 'w') as f:
+      json.dump({'stages': self.stages}, f, indent=2)
+    os.replace(tmp, self.path)
+
+
+def _init_params_path(config, index: int, workdir: str) -> str | None:
+  """Where stage `index` starts: 'scratch', 'previous' (the last earlier stage
+  that trained the same model) or an explicit params checkpoint path."""
+  stage = config.stages[index]
+  if stage.init_from == 'scratch':
+    return None
+  if stage.init_from == 'previous':
+    for prev in reversed(config.stages[:index]):
+      if prev.model == stage.model:
+        return os.path.join(workdir, prev.name, 'final')
+    return None
+  return stage.init_from
+
+
+def _write_eval_table(stage_dir: str, name: str, metrics: dict) -> None:
+  rows = [f'| {k} | {v:.4f} |' if isinstance(v, float) else f'| {k} | {v} |'
+          for k, v in metrics.items()]
+  with open(os.path.join(stage_dir, 'eval.md'), 'w') as f:
+    f.write(f'# {name}: held-out evaluation\n\n| metric | value |\n|---|---|\n')
+    f.write('\n'.join(rows) + '\n')
+
+
+def run_pipeline(config, workdir: str) -> dict:
+  """Runs every unfinished stage in order; returns the summary dict."""
+  validate(config)
+  check_workdir(workdir)
+  is_logger = jax.process_index() == 0
+  if is_logger:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+  mesh = sharding.make_mesh(tuple(config.mesh.shape))
+  rules = tuple(tuple(r) for r in config.mesh.rules)
+  tokenizer = ensure_tokenizer(config, workdir)
+  models = model_configs(config, tokenizer.vocab_size)
+  summary = Summary(workdir, config, write=is_logger)
+  for index, stage in enumerate(config.stages):
+    entry = summary.entry(stage.name)
+    if entry['status'] == 'done':
+      logging.info('stage %s: done already, skipping', stage.name)
+      continue
+    stage_dir = os.path.join(workdir, stage.name)
+    os.makedirs(stage_dir, exist_ok=True)
+    ctx = loop.StageContext(
+        name=stage.name, stage_dir=stage_dir, mesh=mesh, rules=rules, tokenizer=tokenizer,
+        seed=config.seed + index, models=models,
+        init_params_path=_init_params_path(config, index, workdir), is_logger=is_logger)
+    entry['status'] = 'running'
+    summary.save()
+    t0 = time.perf_counter()
+    try:
+      with jax.set_mesh(mesh):
+        result = STAGE_KINDS[stage.kind](stage, ctx)
+    finally:
+      entry['wall_s'] = round(entry['wall_s'] + time.perf_counter() - t0, 2)
+      summary.save()
+    entry.update(status='done', steps=result['steps'], eval=result['eval'])
+    summary.save()
+    if is_logger:
+      _write_eval_table(stage_dir, stage.name, result['eval'])
+    logging.info('stage %s done: %s', stage.name, result['eval'])
+  return {'stages': summary.stages}

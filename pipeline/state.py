@@ -1,0 +1,77 @@
+"""Building a model's train state on the mesh.
+
+The train state is a plain pytree: {'params', 'opt_state', 'step', 'rng'}.
+Params are the pure-dict form of the NNX model's state; `nnx.merge(graphdef,
+params)` rebuilds the module inside a jitted step (trace time only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from models.llama import ModelConfig, Transformer
+from pipeline import sharding
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: a static jit arg
+class ModelSpec:
+  """What a stage needs to build, shard and run one model."""
+  config: ModelConfig
+  graphdef: Any
+  axes: dict  # pure dict of logical axis tuples, parallel to params
+  param_shardings: Any
+
+
+def model_config_from(cfg) -> ModelConfig:
+  """ModelConfig from a config's `models.<name>` ConfigDict."""
+  fields = {f.name for f in dataclasses.fields(ModelConfig)}
+  unknown = set(cfg.keys()) - fields
+  if unknown:
+    raise ValueError(f'unknown model config keys {sorted(unknown)}; valid: {sorted(fields)}')
+  return ModelConfig(**cfg.to_dict())
+
+
+def model_spec(config: ModelConfig, mesh: Mesh, rules) -> ModelSpec:
+  abstract = nnx.eval_shape(lambda: Transformer(config, nnx.Rngs(0)))
+  graphdef, abs_state = nnx.split(abstract)
+  axes = sharding.param_axes(abs_state)
+  shardings = sharding.tree_shardings(abs_state.to_pure_dict(), axes, mesh, rules)
+  return ModelSpec(config, graphdef, axes, shardings)
+
+
+def init_params(spec: ModelSpec, seed: int) -> dict:
+  """Random params created directly in their shardings (never whole on one host)."""
+  def init(key):
+    return nnx.split(Transformer(spec.config, nnx.Rngs(key)))[1].to_pure_dict()
+  return jax.jit(init, out_shardings=spec.param_shardings)(jax.random.key(seed))
+
+
+def abstract_params(spec: ModelSpec) -> dict:
+  shapes = nnx.split(nnx.eval_shape(lambda: Transformer(spec.config, nnx.Rngs(0))))[1]
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      shapes.to_pure_dict(), spec.param_shardings)
+
+
+def merge(spec: ModelSpec, params) -> Transformer:
+  return nnx.merge(spec.graphdef, params)
+
+
+def init_train_state(spec: ModelSpec, params, tx: optax.GradientTransformation,
+                     mesh: Mesh, seed: int):
+  """Returns (state, state_shardings). Optimizer moments inherit the params'
+  shardings (GSPMD propagates them through tx.init)."""
+  opt_state = jax.jit(tx.init)(params)
+  state = {'params': params, 'opt_state': opt_state,
+           'step': jnp.zeros((), jnp.int32), 'rng': jax.random.key_data(jax.random.key(seed))}
+  rep = sharding.replicated(mesh)
+  state = jax.device_put(state, jax.tree.map(
+      lambda x: x.sharding if x.ndim else rep, state))
+  shardings = jax.tree.map(lambda x: x.sharding, state)
+  return state, shardings
