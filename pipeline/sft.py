@@ -62,7 +62,7 @@ def train_step(state, batch, *, spec: state_lib.ModelSpec,
                'step': state['step'] + 1, 'rng': state['rng']}
   metrics = {'loss': sums['loss_sum'] / num_tokens,
              'token_accuracy': sums['correct_sum'] / num_tokens,
-             'grad_norm': optax.global_norm(grads),
+             'grad_norm': optax.tree.norm(grads),
              'lr': schedule(state['step']),
              'num_tokens': sums['num_tokens']}
   return new_state, metrics

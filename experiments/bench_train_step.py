@@ -1,0 +1,197 @@
+"""Tokens/s and MFU of the SFT train step on this host's CPU.
+
+  PYTHONPATH=. python -m experiments.bench_train_step            # full, < 3 min
+  PYTHONPATH=. python -m experiments.bench_train_step --quick    # smoke, ~20 s
+  PYTHONPATH=. python -m experiments.bench_train_step --sizes=5m --steps=5
+
+Measures (a) the float32 matmul peak of this host (best of jitted square
+matmuls), then (b) the real `pipeline.sft.jit_train_step` (AdamW + clipping,
+masked CE, packed-document attention) on a 1-device mesh with random token
+batches, and (c) prints a markdown table and (d) writes it as JSON.
+
+Model FLOPs (PaLM appendix B convention, forward + backward = 3x forward):
+  per token = 6 * N + 12 * L * T * D
+where N counts every matmul weight (attention, MLP and the unembedding, tied
+or not; no norms, no embedding lookup) and the attention term counts the full
+T x T score matrix (not T/2 for causality), as PaLM does. MFU = achieved model
+FLOP/s / the measured matmul peak (not the CPU's theoretical peak).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from absl import app, flags
+
+_QUICK = flags.DEFINE_bool('quick', False, 'Smoke mode: tiny shapes, 2 timed steps.')
+_SIZES = flags.DEFINE_list('sizes', ['1m', '5m', '30m'],
+                           f'Model sizes to run, any of 1m, 5m, 30m.')
+_STEPS = flags.DEFINE_integer('steps', None, 'Timed steps per size (default 3-6 by size).')
+_OUT = flags.DEFINE_string('out', 'experiments/results/bench_train_step.json',
+                           'Where to write the table as JSON.')
+_PEAK = flags.DEFINE_bool('peak', True, 'Measure the matmul peak (else skip MFU).')
+
+# name -> (ModelConfig fields, batch, seq). MLP widths are SwiGLU (3 matrices).
+SIZES = {
+    # The teacher of configs/default.py, at its own batch shape.
+    '1m': (dict(d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32,
+                mlp_dim=384), 16, 256),
+    # The PyTorch reference "5M": mlp 1024 (4 * D), not Llama's 8/3 * D = 688.
+    '5m': (dict(d_model=256, num_layers=4, num_heads=8, num_kv_heads=8, head_dim=32,
+                mlp_dim=1024), 8, 256),
+    '30m': (dict(d_model=512, num_layers=8, num_heads=8, num_kv_heads=8, head_dim=64,
+                 mlp_dim=2048), 8, 256),
+}
+VOCAB = 1024
+QUICK_SIZES = {
+    'quick': (dict(d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                   mlp_dim=128), 4, 64),
+}
+
+
+def matmul_peak(sizes=(1024, 1536, 2048), repeats: int = 5) -> dict:
+  """Best float32 GFLOP/s of a jitted [n, n] @ [n, n] over sizes and repeats."""
+  import jax
+  import jax.numpy as jnp
+  best = {}
+  for n in sizes:
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, b).block_until_ready()
+    times = []
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      f(a, b).block_until_ready()
+      times.append(time.perf_counter() - t0)
+    best[n] = 2 * n ** 3 / min(times) / 1e9
+  return {'per_size_gflops': best, 'peak_gflops': max(best.values())}
+
+
+def model_flops_per_token(cfg, seq_len: int) -> tuple[int, int]:
+  """(matmul params N, training FLOPs per token) for the docstring's formula."""
+  d, f, v, h, L = cfg.d_model, cfg.mlp_dim, cfg.vocab_size, cfg.head_dim, cfg.num_layers
+  attn = d * h * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+  n = L * (attn + 3 * d * f) + d * v
+  # Scores and probs @ V are each 2 * T * (N * H) FLOPs per token forward.
+  attn_flops = 12 * L * seq_len * cfg.num_heads * h
+  return n, 6 * n + attn_flops
+
+
+def random_batch(rng, batch: int, seq: int, vocab: int) -> dict:
+  """A packed batch in the pipeline's format: two documents per row, the
+  second followed by padding; loss on the second half of each document."""
+  import numpy as np
+  tokens = rng.integers(1, vocab, size=(batch, seq + 1), dtype=np.int32)
+  cut, end = seq // 3, seq - seq // 8
+  seg = np.zeros((batch, seq), np.int32)
+  seg[:, :cut], seg[:, cut:end] = 1, 2
+  pos = np.zeros((batch, seq), np.int32)
+  pos[:, :cut] = np.arange(cut)
+  pos[:, cut:end] = np.arange(end - cut)
+  mask = np.zeros((batch, seq), np.float32)
+  mask[:, cut // 2:cut] = 1.0
+  mask[:, (cut + end) // 2:end] = 1.0
+  return {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:], 'loss_mask': mask,
+          'segment_ids': seg, 'positions': pos}
+
+
+def bench_size(name: str, fields: dict, batch: int, seq: int, steps: int) -> dict:
+  import jax
+  import numpy as np
+  from ml_collections import ConfigDict
+  from configs import common
+  from models.llama import ModelConfig
+  from pipeline import sharding, sft
+  from pipeline import state as state_lib
+  from pipeline.optim import make_optimizer
+
+  cfg = ModelConfig(vocab_size=VOCAB, **fields)
+  mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  rules = common.DEFAULT_RULES
+  spec = state_lib.model_spec(cfg, mesh, rules)
+  params = state_lib.init_params(spec, seed=0)
+  optim_cfg = ConfigDict(common.optim(lr=1e-3, warmup_steps=2))
+  tx, schedule = make_optimizer(optim_cfg, total_steps=1000)
+  state, state_shardings = state_lib.init_train_state(spec, params, tx, mesh, seed=0)
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  step_fn = sft.jit_train_step(spec, tx, schedule, 1, state_shardings, batch_sharding)
+
+  rng = np.random.default_rng(0)
+  batches = [sharding.shard_batch(random_batch(rng, batch, seq, VOCAB), batch_sharding)
+             for _ in range(2)]
+  t0 = time.perf_counter()
+  state, metrics = step_fn(state, batches[0])
+  jax.block_until_ready(metrics)
+  compile_s = time.perf_counter() - t0
+  state, metrics = step_fn(state, batches[1])  # one more warm-up step
+  jax.block_until_ready(metrics)
+  times = []
+  for i in range(steps):
+    t0 = time.perf_counter()
+    state, metrics = step_fn(state, batches[i % 2])
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - t0)
+  if not np.isfinite(float(metrics['loss'])):
+    raise RuntimeError(f'{name}: non-finite loss {metrics["loss"]}')
+  step_s = float(np.median(times))
+  n_matmul, flops_per_token = model_flops_per_token(cfg, seq)
+  tokens = batch * seq
+  return {'model': name, 'params': cfg.num_params(), 'matmul_params': n_matmul,
+          'batch': batch, 'seq': seq, 'step_ms': 1e3 * step_s,
+          'step_ms_min': 1e3 * min(times), 'tokens_per_s': tokens / step_s,
+          'gflops': flops_per_token * tokens / step_s / 1e9,
+          'compile_s': compile_s, 'loss': float(metrics['loss'])}
+
+
+def format_table(rows: list[dict], peak: float | None) -> str:
+  lines = ['| model | params | batch x seq | step ms | tokens/s | GFLOP/s | MFU |',
+           '|---|---|---|---|---|---|---|']
+  for r in rows:
+    mfu = f"{100 * r['gflops'] / peak:.0f}%" if peak else 'n/a'
+    lines.append(f"| {r['model']} | {r['params'] / 1e6:.2f}M | {r['batch']} x {r['seq']} "
+                 f"| {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {r['gflops']:.1f} "
+                 f"| {mfu} |")
+  return '\n'.join(lines)
+
+
+def main(argv):
+  del argv
+  import jax
+  sizes = QUICK_SIZES if _QUICK.value else {k: SIZES[k] for k in _SIZES.value}
+  unknown = set(_SIZES.value) - set(SIZES)
+  if unknown:
+    raise ValueError(f'--sizes: unknown {sorted(unknown)}; valid: {sorted(SIZES)}')
+  print(f'jax {jax.__version__} on {jax.devices()[0].device_kind}, '
+        f'{os.cpu_count()} cores, XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}')
+  peak = None
+  result = {}
+  if _PEAK.value:
+    result['matmul'] = matmul_peak((512, 1024) if _QUICK.value else (1024, 1536, 2048))
+    peak = result['matmul']['peak_gflops']
+    print('float32 matmul GFLOP/s:', {n: round(g, 1) for n, g in
+                                      result['matmul']['per_size_gflops'].items()})
+  rows = []
+  for name, (fields, batch, seq) in sizes.items():
+    default_steps = {'30m': 3, '5m': 6}.get(name, 8)
+    steps = 2 if _QUICK.value else (_STEPS.value or default_steps)
+    row = bench_size(name, fields, batch, seq, steps)
+    if peak:
+      row['mfu'] = row['gflops'] / peak
+    rows.append(row)
+    print(f"{name}: {row['step_ms']:.1f} ms/step (compile {row['compile_s']:.1f} s)",
+          flush=True)
+  table = format_table(rows, peak)
+  print(table)
+  result.update(rows=rows, table=table, xla_flags=os.environ.get('XLA_FLAGS', ''),
+                flops_formula='6*N_matmul + 12*L*T*D per token, full T (not causal T/2)')
+  os.makedirs(os.path.dirname(_OUT.value) or '.', exist_ok=True)
+  with open(_OUT.value, 'w') as f:
+    json.dump(result, f, indent=1)
+  print('wrote', _OUT.value)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,1 @@
+"""Stages, the runner, sharding, checkpoints, sampling and evaluation."""

@@ -1,0 +1,30 @@
+"""Installable package for the four-stage post-training pipeline."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name='nanbeige-posttrain-jax',
+    version='0.1.0',
+    description='Cold-start SFT, overall SFT, dual-level distillation and multi-stage '
+                'GRPO in JAX (the Nanbeige4-3B post-training recipe).',
+    python_requires='>=3.11',
+    packages=find_packages(include=['models*', 'losses*', 'data*', 'pipeline*', 'configs*',
+                                    'experiments*']),
+    install_requires=[
+        'jax>=0.10.2,<0.11',
+        'flax>=0.12.8,<0.13',
+        'optax>=0.2.5,<0.3',
+        'orbax-checkpoint>=0.12.8,<0.13',
+        'grain>=0.2.18,<0.3',
+        'sentencepiece>=0.2.0,<0.3',
+        'ml_collections>=1.1.0,<2',
+        'absl-py>=2.1,<3',
+        'numpy>=2.0,<3',
+        'reasoning-gym>=0.1.25,<0.2',
+        'tensorboardX>=2.6,<3',
+        'tqdm>=4.66,<5',
+    ],
+    extras_require={
+        'dev': ['pytest>=8,<10'],
+    },
+)
