@@ -107,7 +107,7 @@ def test_loss_decreases_on_a_repeated_batch():
 def test_schedules_warm_up_then_decay(schedule):
   cfg = common.optim(lr=1.0, warmup_steps=10, schedule=schedule)
   fn = make_schedule(cfg, 100)
-  lrs = np.array([float(fn(s)) for s in range(100)])
+  lrs = np.array([float(fn(s)) for s in range(101)])  # lrs[100]: after the last step
   assert lrs[0] == 0.0 and np.isclose(lrs[10], 1.0)
   assert np.all(np.diff(lrs[:11]) > 0)
   if schedule == 'constant':
