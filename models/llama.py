@@ -108,9 +108,15 @@ class Attention(nnx.Module):
     """
     cfg = self.cfg
     dt = x_btd.dtype
-    q = jnp.einsum('btd,dnh->btnh', x_btd, self.wq_dnh[...].astype(dt))
-    k = jnp.einsum('btd,dkh->btkh', x_btd, self.wk_dkh[...].astype(dt))
-    v = jnp.einsum('btd,dkh->btkh', x_btd, self.wv_dkh[...].astype(dt))
+    b, t, d = x_btd.shape
+    n, kh, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    # Projections as 2-D matmuls on [B*T, D]: XLA:CPU gives an einsum with
+    # two batch-like free dims (b, t) a transposed copy of the activations
+    # in the backward pass; the reshapes here are free.
+    x_md = x_btd.reshape(b * t, d)  # M = B*T rows
+    q = (x_md @ self.wq_dnh[...].reshape(d, n * h).astype(dt)).reshape(b, t, n, h)
+    k = (x_md @ self.wk_dkh[...].reshape(d, kh * h).astype(dt)).reshape(b, t, kh, h)
+    v = (x_md @ self.wv_dkh[...].reshape(d, kh * h).astype(dt)).reshape(b, t, kh, h)
     if cfg.qkv_bias:
       q = q + self.bq_nh[...].astype(dt)
       k = k + self.bk_kh[...].astype(dt)
@@ -124,18 +130,20 @@ class Attention(nnx.Module):
       k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
       v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
     new_kv = (k, v)
-    b, t, n, h = q.shape
-    kh = k.shape[2]
-    q_btkgh = q.reshape(b, t, kh, n // kh, h)
+    # Head-major layout, so that both attention einsums are plain batched
+    # matmuls over (b, k) with contiguous operands, forward and backward.
+    q_bkgth = q.reshape(b, t, kh, n // kh, h).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
+    k_bksh = k.transpose(0, 2, 1, 3)  # [B, K, S, H]
+    v_bksh = v.transpose(0, 2, 1, 3)
     # Scores in float32: bf16 logits lose too much precision in the softmax.
-    scores_bkgts = jnp.einsum('btkgh,bskh->bkgts', q_btkgh, k,
+    scores_bkgts = jnp.einsum('bkgth,bksh->bkgts', q_bkgth, k_bksh,
                               preferred_element_type=jnp.float32) * (h ** -0.5)
     scores_bkgts = jnp.where(mask_b1ts[:, :, None], scores_bkgts, -1e30)
     probs = jax.nn.softmax(scores_bkgts, axis=-1).astype(dt)
-    out_btkgh = jnp.einsum('bkgts,bskh->btkgh', probs, v)
-    out_btd = jnp.einsum('btnh,nhd->btd', out_btkgh.reshape(b, t, n, h),
-                         self.wo_nhd[...].astype(dt))
-    return out_btd, new_kv
+    out_bkgth = jnp.einsum('bkgts,bksh->bkgth', probs, v_bksh)
+    out_mnh = out_bkgth.transpose(0, 3, 1, 2, 4).reshape(b * t, n * h)  # [B*T, N*H]
+    out_md = out_mnh @ self.wo_nhd[...].reshape(n * h, d).astype(dt)
+    return out_md.reshape(b, t, d), new_kv
 
 
 class MLP(nnx.Module):
@@ -149,9 +157,12 @@ class MLP(nnx.Module):
 
   def __call__(self, x_btd):
     dt = x_btd.dtype
-    gate = x_btd @ self.w_gate_df[...].astype(dt)  # [B, T, F]
-    up = x_btd @ self.w_up_df[...].astype(dt)
-    return (jax.nn.silu(gate) * up) @ self.w_down_fd[...].astype(dt)
+    b, t, d = x_btd.shape
+    x_md = x_btd.reshape(b * t, d)  # 2-D matmuls: see Attention.__call__
+    gate = x_md @ self.w_gate_df[...].astype(dt)  # [B*T, F]
+    up = x_md @ self.w_up_df[...].astype(dt)
+    out_md = (jax.nn.silu(gate) * up) @ self.w_down_fd[...].astype(dt)
+    return out_md.reshape(b, t, d)
 
 
 class Block(nnx.Module):
@@ -273,8 +284,9 @@ class Transformer(nnx.Module):
       new_v.append(layer_kv[1])
     x = self.final_norm(x)
     unembed = self.embed_vd[...].T if cfg.tie_embeddings else self.unembed_dv[...]
-    logits = jnp.einsum('btd,dv->btv', x, unembed.astype(dt),
-                        preferred_element_type=jnp.float32)
+    b, t, d = x.shape
+    logits = jnp.dot(x.reshape(b * t, d), unembed.astype(dt),
+                     preferred_element_type=jnp.float32).reshape(b, t, -1)  # [B, T, V]
     new_cache = None
     if cache is not None:
       new_cache = KVCache(jnp.stack(new_k), jnp.stack(new_v), valid, cache.index + t)

@@ -18,11 +18,19 @@ import jax
 import orbax.checkpoint as ocp
 
 
+def _key_name(key) -> str:
+  """Dict key, sequence index or attribute name (NamedTuple optimizer states)."""
+  for attr in ('key', 'idx', 'name'):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
 def _flat_shapes(tree) -> dict[str, tuple]:
   """{'blocks/0/attn/wq_dnh': shape}, from arrays or orbax metadata alike."""
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    name = '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
+    name = '/'.join(_key_name(k) for k in path)
     out[name] = tuple(leaf.shape)
   return out
 
@@ -56,7 +64,10 @@ class StageCheckpointer:
     self.save_every = save_every
     self._manager = ocp.CheckpointManager(
         self.directory,
-        item_names=('state', 'data'),
+        # Handlers named up front so that a fresh process can read the
+        # metadata of old steps before restoring them.
+        item_handlers={'state': ocp.StandardCheckpointHandler(),
+                       'data': ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
   def latest_step(self) -> int | None:

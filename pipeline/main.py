@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import logging as py_logging
 import re
 import sys
 
@@ -29,8 +30,17 @@ def index_overrides(argv: list[str]) -> list[str]:
   return out
 
 
+class _QuietLibraries(py_logging.Filter):
+  """Drops orbax's and grain's per-save INFO chatter; keeps their warnings."""
+
+  def filter(self, record):
+    return record.levelno >= py_logging.WARNING or not any(
+        lib in record.pathname for lib in ('/orbax/', '/grain/'))
+
+
 def main(argv):
   del argv
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   from pipeline import distributed, loop, runner
   distributed.initialize()
   loop.install_sigterm_handler()

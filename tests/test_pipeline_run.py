@@ -1,0 +1,164 @@
+"""The command line end to end: outputs, re-runs, overrides, resume after
+SIGKILL, SIGTERM, and clear errors for bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import default
+from pipeline import checkpoint, runner
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = 'configs/default.py:tiny'
+ONE_DEVICE = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
+def cli(workdir, *overrides, timeout=240):
+  """Runs `python -m pipeline.main` like a user would; returns the process."""
+  env = {**os.environ, 'PYTHONPATH': ROOT}
+  return subprocess.run([sys.executable, '-m', 'pipeline.main', f'--config={TINY}',
+                         f'--workdir={workdir}', *overrides], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def start_cli(workdir, *overrides):
+  env = {**os.environ, 'PYTHONPATH': ROOT}
+  return subprocess.Popen([sys.executable, '-m', 'pipeline.main', f'--config={TINY}',
+                           f'--workdir={workdir}', *overrides], cwd=ROOT, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def final_params(workdir, stage):
+  """The params a stage wrote, as numpy (restored onto one device)."""
+  path = os.path.join(workdir, stage, 'final')
+  import orbax.checkpoint as ocp
+  return ocp.StandardCheckpointer().restore(os.path.abspath(path))
+
+
+@pytest.fixture(scope='module')
+def tiny_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('tiny'))
+  proc = cli(workdir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir
+
+
+def test_outputs_of_a_run(tiny_run):
+  with open(os.path.join(tiny_run, 'summary.json')) as f:
+    summary = json.load(f)
+  names = [s['name'] for s in summary['stages']]
+  assert names == [s.name for s in default.get_config('tiny').stages]
+  for stage in summary['stages']:
+    assert set(stage) == {'name', 'kind', 'status', 'steps', 'wall_s', 'eval'}
+    assert stage['status'] == 'done' and stage['steps'] > 0 and stage['wall_s'] > 0
+    assert 0.0 <= stage['eval']['accuracy'] <= 1.0
+    stage_dir = os.path.join(tiny_run, stage['name'])
+    assert os.listdir(os.path.join(stage_dir, 'tensorboard'))
+    assert os.path.isdir(os.path.join(stage_dir, 'final'))
+    assert os.path.exists(os.path.join(stage_dir, 'eval.md'))
+  with open(os.path.join(tiny_run, 'config.json')) as f:
+    assert json.load(f)['stages'][0]['name'] == 'cold_start_sft'
+  assert os.path.exists(os.path.join(tiny_run, 'tokenizer', 'tokenizer.model'))
+
+
+def test_rerun_skips_finished_stages(tiny_run):
+  before = os.path.getmtime(os.path.join(tiny_run, 'overall_sft', 'final'))
+  proc = cli(tiny_run)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stderr.count('done already, skipping') == 2
+  assert os.path.getmtime(os.path.join(tiny_run, 'overall_sft', 'final')) == before
+
+
+def test_override_by_index(tmp_path):
+  proc = cli(str(tmp_path), '--config.stages.0.steps=2', '--config.stages.1.steps=1')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(tmp_path / 'summary.json') as f:
+    assert [s['steps'] for s in json.load(f)['stages']] == [2, 1]
+
+
+def test_mistyped_key_names_it(tmp_path):
+  proc = cli(str(tmp_path), '--config.stages.0.stepz=2')
+  assert proc.returncode != 0
+  assert 'stepz' in proc.stderr
+
+
+def test_unknown_stage_kind_lists_valid_ones(tmp_path):
+  config = default.get_config('tiny')
+  config.stages[1].kind = 'dpo'
+  with pytest.raises(ValueError, match=r"kind='dpo'.*valid kinds: \['sft'"):
+    runner.run_pipeline(config, str(tmp_path))
+  assert not os.listdir(tmp_path)  # failed before writing anything
+
+
+def test_unwritable_workdir(tmp_path):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('not a directory')
+  with pytest.raises(ValueError, match='not a writable directory'):
+    runner.run_pipeline(default.get_config('tiny'), str(blocker / 'run'))
+
+
+def test_checkpoint_shape_mismatch_names_the_parameter(tiny_run):
+  path = os.path.join(tiny_run, 'cold_start_sft', 'final')
+  saved = final_params(tiny_run, 'cold_start_sft')
+  wrong = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                      sharding=ONE_DEVICE), saved)
+  wq = wrong['blocks']['1']['attn']['wq_dnh']
+  wrong['blocks']['1']['attn']['wq_dnh'] = jax.ShapeDtypeStruct(
+      (wq.shape[0] * 2,) + wq.shape[1:], wq.dtype, sharding=ONE_DEVICE)
+  files_before = sorted((p, os.path.getsize(os.path.join(p, f)))
+                        for p, _, fs in os.walk(path) for f in fs)
+  with pytest.raises(ValueError, match=r"'blocks/1/attn/wq_dnh' has shape \(32, 2, 16\)"):
+    checkpoint.load_params(path, wrong)
+  files_after = sorted((p, os.path.getsize(os.path.join(p, f)))
+                       for p, _, fs in os.walk(path) for f in fs)
+  assert files_before == files_after
+
+
+def test_sigkill_mid_stage_then_resume_equals_uninterrupted(tmp_path):
+  overrides = ['--config.stages.0.steps=40', '--config.stages.0.checkpoint_every=4',
+               '--config.stages.1.steps=2']
+  reference = tmp_path / 'reference'
+  assert cli(str(reference), *overrides).returncode == 0
+
+  killed = tmp_path / 'killed'
+  proc = start_cli(str(killed), *overrides)
+  ckpt_dir = killed / 'cold_start_sft' / 'checkpoints'
+  deadline = time.time() + 180
+  while not (ckpt_dir.exists() and any(d.isdigit() for d in os.listdir(ckpt_dir))):
+    assert proc.poll() is None and time.time() < deadline, 'run ended before a checkpoint'
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  steps = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()]
+  assert max(steps) < 40, 'the kill landed after the stage finished; nothing was tested'
+  with open(killed / 'summary.json') as f:
+    assert json.load(f)['stages'][0]['status'] == 'running'
+
+  resumed = cli(str(killed), *overrides)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert 'resumed from step' in resumed.stderr
+  for stage in ('cold_start_sft', 'overall_sft'):
+    jax.tree.map(np.testing.assert_array_equal, final_params(str(killed), stage),
+                 final_params(str(reference), stage))
+
+
+def test_sigterm_checkpoints_and_exits_zero(tmp_path):
+  proc = start_cli(str(tmp_path), '--config.stages.0.steps=400',
+                   '--config.stages.0.checkpoint_every=1000', '--config.stages.0.log_every=1')
+  deadline = time.time() + 180
+  log = ''
+  while 'step 3/400' not in log:
+    assert proc.poll() is None and time.time() < deadline
+    log += proc.stderr.readline()
+  proc.send_signal(signal.SIGTERM)
+  _, rest = proc.communicate(timeout=120)
+  assert proc.returncode == 0, rest[-3000:]
+  steps = [int(d) for d in os.listdir(tmp_path / 'cold_start_sft' / 'checkpoints') if d.isdigit()]
+  assert steps and max(steps) < 400
