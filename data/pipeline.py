@@ -28,7 +28,8 @@ from data.tokenizer import Tokenizer
 _PACKED = ("inputs", "targets", "loss_mask")
 
 
-def _tokenise(record: dict, tokenizer: Tokenizer, seq_len: int) -> dict[str, np.ndarray]:
+def tokenise(record: dict, tokenizer: Tokenizer, seq_len: int) -> dict[str, np.ndarray]:
+  """One record as shifted (inputs, targets, loss_mask), at most seq_len long."""
   ids, mask = render_chat(record["messages"], tokenizer, record_id=record.get("id"))
   # seq_len + 1 tokens give seq_len (input, target) pairs; the rest is dropped.
   ids, mask = ids[: seq_len + 1], mask[: seq_len + 1]
@@ -50,6 +51,32 @@ def _rename(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
       "segment_ids": packed["inputs_segment_ids"],
       "positions": packed["inputs_positions"],
   }
+
+
+def check_batch_args(seq_len: int, batch_size: int, shard_index: int, shard_count: int) -> None:
+  """Raises ValueError for a batch shape or process shard that cannot work."""
+  if seq_len < 1 or batch_size < 1:
+    raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len}, {batch_size}.")
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"shard_index={shard_index} is not in [0, shard_count={shard_count}).")
+
+
+def pack_and_batch(
+    documents: grain.IterDataset, *, seq_len: int, batch_size: int
+) -> grain.IterDataset:
+  """Packs tokenised documents (`tokenise`) into batches of [B, T] rows.
+
+  One packing round fills exactly one batch, so batch k holds the documents
+  read while packing round k, except that each round starts with the document
+  that did not fit into the previous one (the packer reads one ahead).
+  """
+  packed = grain.experimental.FirstFitPackIterDataset(
+      documents,
+      length_struct={k: seq_len for k in _PACKED},
+      num_packing_bins=batch_size,
+      shuffle_bins=False,
+  )
+  return packed.map(_rename).batch(batch_size, drop_remainder=True)
 
 
 def make_train_iterator(
@@ -76,27 +103,17 @@ def make_train_iterator(
   Returns:
     A grain DatasetIterator of dicts of [B, T] arrays (see module docstring).
   """
-  if seq_len < 1 or batch_size < 1:
-    raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len}, {batch_size}.")
-  if not 0 <= shard_index < shard_count:
-    raise ValueError(f"shard_index={shard_index} is not in [0, shard_count={shard_count}).")
+  check_batch_args(seq_len, batch_size, shard_index, shard_count)
   if len(records) < shard_count:
     raise ValueError(f"{len(records)} records cannot fill {shard_count} shards.")
-  dataset = (
+  documents = (
       grain.MapDataset.source(records)[shard_index::shard_count]
       .shuffle(seed=seed)
       .repeat(None)  # reseeds the shuffle every epoch
-      .map(lambda r: _tokenise(r, tokenizer, seq_len))
+      .map(lambda r: tokenise(r, tokenizer, seq_len))
       .to_iter_dataset()
   )
-  dataset = grain.experimental.FirstFitPackIterDataset(
-      dataset,
-      length_struct={k: seq_len for k in _PACKED},
-      # One packing round fills exactly one batch of rows.
-      num_packing_bins=batch_size,
-      shuffle_bins=False,
-  )
-  return iter(dataset.map(_rename).batch(batch_size, drop_remainder=True))
+  return iter(pack_and_batch(documents, seq_len=seq_len, batch_size=batch_size))
 
 
 def make_eval_prompts(records: Sequence[dict], tokenizer: Tokenizer) -> list[np.ndarray]:

@@ -1,23 +1,37 @@
-"""Held-out evaluation: generate answers greedily and score them."""
+"""Held-out evaluation of one model, per domain.
+
+- math / STEM (reasoning-gym tasks): greedy answer scored by the task's scorer
+  -> `accuracy/<task>`, and `accuracy` over all of them;
+- code (generated tasks, HumanEval): the extracted program run against the
+  task's tests in the sandbox -> `pass@1/<task>`;
+- agent (BFCL): tool calls match an accepted answer -> `call_accuracy/agent`;
+- conversation: teacher-forced perplexity of the assistant turns -> `perplexity/chat`.
+"""
 
 from __future__ import annotations
 
 import collections
-from typing import Callable, Sequence
+import functools
+from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from data.chat import render_prompt
-from pipeline import sampling
+from data.chat import render_chat, render_prompt
+from data.sources import agent, code_tasks, reasoning_gym_math
+from losses.ce import masked_cross_entropy
+from pipeline import sampling, sandbox
 from pipeline import state as state_lib
+from pipeline.stage_data import eval_input
+
+CODE_TASKS = ('code_gen', 'humaneval')
 
 
 def generate_answers(spec: state_lib.ModelSpec, params, tokenizer, records: Sequence[dict],
                      *, max_new_tokens: int, batch_size: int, seed: int = 0) -> list[str]:
-  """Greedy completions (decoded text, end token stripped) for each record's prompt:
-  every message except the final assistant turn."""
-  prompts = [render_prompt(r['messages'][:-1], tokenizer) for r in records]
+  """Greedy completions (decoded text, end token stripped) of each record's prompt."""
+  prompts = [render_prompt(eval_input(r), tokenizer) for r in records]
   samples = sampling.generate(
       spec, params, prompts, sampling.SamplingConfig(max_new_tokens=max_new_tokens),
       rng=jax.random.key(seed), end_id=tokenizer.end_id, pad_id=tokenizer.pad_id,
@@ -26,26 +40,95 @@ def generate_answers(spec: state_lib.ModelSpec, params, tokenizer, records: Sequ
           for row, n in zip(samples.tokens.tolist(), samples.lengths)]
 
 
-def accuracy_by_task(records: Sequence[dict], completions: Sequence[str],
-                     score: Callable[[dict, str], float]) -> dict[str, float]:
-  """Mean score per task ('accuracy/<task>') and over all records ('accuracy')."""
+def code_pass(records: Sequence[dict], completions: Sequence[str]) -> list[float]:
+  """1.0 where the extracted program passes all of the task's tests in the sandbox."""
+  jobs = [(code_tasks.extract_code(c) or '', r['tests']) for r, c in zip(records, completions)]
+  results = sandbox.run_many(jobs, max_workers=2, timeout_s=5.0)
+  return [float(res.status == 'passed') for res in results]
+
+
+def score_completions(records: Sequence[dict], completions: Sequence[str]) -> list[float]:
+  """Per-record score in [0, 1], by the record's task."""
+  scores = [0.0] * len(records)
+  code_idx = [i for i, r in enumerate(records) if r['task'] in CODE_TASKS]
+  for i, s in zip(code_idx, code_pass([records[i] for i in code_idx],
+                                      [completions[i] for i in code_idx])):
+    scores[i] = s
+  for i, (record, completion) in enumerate(zip(records, completions)):
+    if record['task'] == 'agent':
+      scores[i] = agent.score_calls(record, completion)
+    elif record['task'] not in CODE_TASKS:
+      scores[i] = reasoning_gym_math.score(record, completion)
+  return scores
+
+
+def metric_name(task: str) -> str:
+  if task in CODE_TASKS:
+    return f'pass@1/{task}'
+  if task == 'agent':
+    return 'call_accuracy/agent'
+  return f'accuracy/{task}'
+
+
+def summarize(records: Sequence[dict], scores: Sequence[float]) -> dict[str, float]:
+  """Mean score per task, plus `accuracy` over the reasoning-gym tasks."""
   per_task = collections.defaultdict(list)
-  for record, completion in zip(records, completions):
-    per_task[record['task']].append(score(record, completion))
-  metrics = {f'accuracy/{task}': float(np.mean(s)) for task, s in sorted(per_task.items())}
-  metrics['accuracy'] = float(np.mean([s for v in per_task.values() for s in v]))
-  metrics['num_eval'] = len(records)
+  for record, score in zip(records, scores):
+    per_task[record['task']].append(score)
+  metrics = {metric_name(t): float(np.mean(s)) for t, s in sorted(per_task.items())}
+  math = [s for t, v in per_task.items() if t not in CODE_TASKS + ('agent',) for s in v]
+  if math:
+    metrics['accuracy'] = float(np.mean(math))
   return metrics
+
+
+@functools.partial(jax.jit, static_argnames='spec')
+def _nll_sums(params, batch, spec):
+  model = state_lib.merge(spec, params)
+  logits = model(batch['inputs'], batch['positions']).logits
+  _, sums = masked_cross_entropy(logits, batch['targets'], batch['loss_mask'], normalizer=1.0)
+  return sums['loss_sum'], sums['num_tokens']
+
+
+def perplexity(spec: state_lib.ModelSpec, params, tokenizer, records: Sequence[dict], *,
+               batch_size: int, max_len: int) -> float:
+  """exp(mean NLL) over the assistant tokens of held-out chats (teacher-forced)."""
+  rows = []
+  for r in records:
+    ids, mask = render_chat(r['messages'], tokenizer, record_id=r['id'])
+    rows.append((ids[:max_len + 1], mask[:max_len + 1]))
+  length = sampling.bucket(max(len(ids) for ids, _ in rows) - 1)
+  total_nll = total_tokens = 0.0
+  for start in range(0, len(rows), batch_size):
+    chunk = rows[start:start + batch_size]
+    batch = {k: np.zeros((batch_size, length), np.int32) for k in ('inputs', 'targets')}
+    batch['loss_mask'] = np.zeros((batch_size, length), np.float32)
+    for i, (ids, mask) in enumerate(chunk):
+      n = len(ids) - 1
+      batch['inputs'][i, :n], batch['targets'][i, :n] = ids[:-1], ids[1:]
+      batch['loss_mask'][i, :n] = mask[1:]
+    batch['positions'] = np.broadcast_to(np.arange(length, dtype=np.int32), (batch_size, length))
+    nll, tokens = _nll_sums(params, batch, spec)
+    total_nll, total_tokens = total_nll + float(nll), total_tokens + float(tokens)
+  return float(np.exp(total_nll / max(total_tokens, 1.0)))
 
 
 def evaluate(spec: state_lib.ModelSpec, params, tokenizer, records: Sequence[dict], cfg,
              *, seed: int = 0) -> dict[str, float]:
   """Held-out metrics of one model on a stage's eval records.
 
-  cfg: the stage's `eval` config (max_new_tokens, batch_size).
+  cfg: the stage's `eval` config (max_new_tokens, batch_size, max_chat_len).
   """
-  from pipeline import stage_data  # stage_data imports this module's users
-  completions = generate_answers(spec, params, tokenizer, records,
-                                 max_new_tokens=cfg.max_new_tokens,
-                                 batch_size=cfg.batch_size, seed=seed)
-  return accuracy_by_task(records, completions, stage_data.score)
+  chats = [r for r in records if r['task'] == 'chat']
+  generated = [r for r in records if r['task'] != 'chat']
+  metrics = {}
+  if generated:
+    completions = generate_answers(spec, params, tokenizer, generated,
+                                   max_new_tokens=cfg.max_new_tokens,
+                                   batch_size=cfg.batch_size, seed=seed)
+    metrics.update(summarize(generated, score_completions(generated, completions)))
+  if chats:
+    metrics['perplexity/chat'] = perplexity(spec, params, tokenizer, chats,
+                                            batch_size=cfg.batch_size, max_len=cfg.max_chat_len)
+  metrics['num_eval'] = len(records)
+  return metrics

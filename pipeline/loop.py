@@ -48,8 +48,10 @@ class StageContext:
   mesh: Any
   rules: tuple
   tokenizer: Any
-  seed: int
+  seed: int  # this stage's seed: init, shuffling, sampling
+  data_seed: int  # the run's seed: the same records and splits in every stage
   models: dict  # model name -> ModelConfig
+  eval_records: list  # the run's held-out suite, the same for every stage
   init_params_path: str | None  # params to start from (previous stage or a path)
   teacher_params_path: str | None = None  # distillation: the teacher's params
   is_logger: bool = True  # process 0 writes logs and summaries

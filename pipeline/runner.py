@@ -68,13 +68,25 @@ def model_configs(config, vocab_size: int) -> dict[str, ModelConfig]:
   return out
 
 
-def ensure_tokenizer(config, workdir: str) -> Tokenizer:
+def run_data(config) -> tuple[list[dict], list[dict]]:
+  """All stages' training records and the run's held-out suite: the union of
+  every stage's eval records, so that every stage is measured on the same items.
+  No held-out item may appear in any stage's training data."""
+  train, eval_ = [], {}
+  for stage in config.stages:
+    data = stage_data.load(stage.data, seed=config.seed)
+    train += data.all_train()
+    eval_.update((r['id'], r) for r in data.eval)
+  eval_ = list(eval_.values())
+  stage_data.check_no_leak(train, eval_)
+  return train, eval_
+
+
+def ensure_tokenizer(config, workdir: str, train_records: list[dict]) -> Tokenizer:
   """Trains the run's tokenizer on its training corpus once; later runs load it."""
   path = os.path.join(workdir, 'tokenizer', 'tokenizer.model')
   if not os.path.exists(path) and jax.process_index() == 0:
-    texts = []
-    for stage in config.stages:
-      texts += stage_data.corpus_texts(stage.data, seed=config.seed)
+    texts = [m['content'] for r in train_records for m in r['messages']]
     train_tokenizer(texts, config.tokenizer.vocab_size, os.path.dirname(path))
   multihost_utils.sync_global_devices('tokenizer')
   return Tokenizer.load(path)
@@ -138,7 +150,8 @@ def run_pipeline(config, workdir: str) -> dict:
       f.write(config.to_json_best_effort(indent=2))
   mesh = sharding.make_mesh(tuple(config.mesh.shape))
   rules = tuple(tuple(r) for r in config.mesh.rules)
-  tokenizer = ensure_tokenizer(config, workdir)
+  train_records, eval_records = run_data(config)
+  tokenizer = ensure_tokenizer(config, workdir, train_records)
   models = model_configs(config, tokenizer.vocab_size)
   summary = Summary(workdir, config, write=is_logger)
   for index, stage in enumerate(config.stages):
@@ -150,7 +163,8 @@ def run_pipeline(config, workdir: str) -> dict:
     os.makedirs(stage_dir, exist_ok=True)
     ctx = loop.StageContext(
         name=stage.name, stage_dir=stage_dir, mesh=mesh, rules=rules, tokenizer=tokenizer,
-        seed=config.seed + index, models=models,
+        seed=config.seed + index, data_seed=config.seed, models=models,
+        eval_records=eval_records,
         init_params_path=_init_params_path(config, index, workdir), is_logger=is_logger)
     entry['status'] = 'running'
     summary.save()

@@ -106,14 +106,14 @@ def run(cfg, ctx: loop.StageContext) -> dict:
   batch_sharding = sharding.batch_sharding(ctx.mesh, ctx.rules)
   step_fn = jit_train_step(spec, tx, schedule, cfg.grad_accum, state_shardings, batch_sharding)
 
-  data = stage_data.load(cfg.data, ctx.tokenizer, seed=ctx.seed)
-  train_iter = stage_data.train_iterator(data.train, ctx.tokenizer, cfg, seed=ctx.seed)
+  data = stage_data.load(cfg.data, seed=ctx.data_seed)
+  train_iter = stage_data.train_iterator(data, ctx.tokenizer, cfg, seed=ctx.seed)
   state, history = loop.train_loop(
       ctx, state=state, step_fn=step_fn, data_iter=train_iter, total_steps=cfg.steps,
       checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every,
       tokens_per_step=cfg.batch_size * cfg.seq_len, batch_sharding=batch_sharding)
   checkpoint.save_params(os.path.join(ctx.stage_dir, 'final'), state['params'])
-  metrics = evaluate.evaluate(spec, state['params'], ctx.tokenizer, data.eval, cfg.eval,
+  metrics = evaluate.evaluate(spec, state['params'], ctx.tokenizer, ctx.eval_records, cfg.eval,
                               seed=ctx.seed)
   if history:
     metrics['final_train_loss'] = history[-1]['loss']

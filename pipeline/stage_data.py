@@ -1,67 +1,117 @@
-"""From a stage's `data` config to records, batches and scorers.
+"""From a stage's `data` config to records, training batches and scorers.
 
-A stage's data config names its sources, e.g.
+A stage's data config names its sources with mixture weights, e.g.
 
-    data.sources.math = dict(kind='reasoning_gym', weight=1.0,
-                             tasks=('basic_arithmetic',), train_size=2000, eval_size=50)
+    data.sources.math = dict(kind='reasoning_gym', weight=0.5, train_size=2000,
+                             eval_size=50, options=dict(task_names=('basic_arithmetic',)))
+    data.sources.code = dict(kind='code_tasks', weight=0.2, train_size=1000,
+                             eval_size=40, options=dict(levels=(0, 1)))
+
+`options` are passed to the source module's `make_records`. Every source
+yields the common record format `{"id", "messages", "task", ...}`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
+from typing import Callable
 
-from data import pipeline as data_pipeline
-from data.sources import reasoning_gym_math
+import jax
+import ml_collections
 
-SOURCE_KINDS = ('reasoning_gym',)
+from data.sources import agent, chat, code_tasks, humaneval, reasoning_gym_math
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceKind:
+  make_records: Callable  # (split, size, seed, **options) -> list[dict]
+
+
+def _reasoning_gym(split, size, seed, task_names=reasoning_gym_math.DEFAULT_TASKS,
+                   **options):
+  return reasoning_gym_math.make_records(tuple(task_names), split, size, seed, **options)
+
+
+SOURCE_KINDS = {
+    'reasoning_gym': SourceKind(_reasoning_gym),
+    'code_tasks': SourceKind(code_tasks.make_records),
+    'humaneval': SourceKind(humaneval.make_records),
+    'chat': SourceKind(chat.make_records),
+    'agent': SourceKind(agent.make_records),
+}
 
 
 @dataclasses.dataclass
 class StageData:
-  train: list[dict]
-  eval: list[dict]
+  train: dict[str, list[dict]]  # source name -> training records
+  eval: list[dict]  # held-out records of all sources
+
+  def all_train(self) -> list[dict]:
+    return [r for records in self.train.values() for r in records]
 
 
-def _source_records(src, split: str, seed: int) -> list[dict]:
-  if src.kind == 'reasoning_gym':
-    size = src.train_size if split == 'train' else src.eval_size
-    return reasoning_gym_math.make_records(tuple(src.tasks), split, size, seed,
-                                           task_kwargs=src.task_kwargs.to_dict())
-  raise ValueError(f'data source kind {src.kind!r} is unknown; valid kinds: {SOURCE_KINDS}')
+def eval_input(record: dict) -> list[dict]:
+  """The messages a model sees when evaluated on the record: everything before
+  the first assistant turn (chat is scored on the whole conversation)."""
+  if record['task'] == 'chat':
+    return record['messages']
+  for i, message in enumerate(record['messages']):
+    if message['role'] == 'assistant':
+      return record['messages'][:i]
+  return record['messages']
 
 
-def load(data_cfg, tokenizer=None, *, seed: int) -> StageData:
-  """Train and held-out records of every source; eval never overlaps train."""
-  train, eval_ = [], []
+def check_no_leak(train: list[dict], eval_: list[dict]) -> None:
+  """Raises if any evaluation input appears verbatim among the training records.
+
+  Compares what the model is evaluated on (the prompt, or the whole chat) with
+  the same part of every training record, across all sources.
+  """
+  key = lambda r: json.dumps(eval_input(r), sort_keys=True)
+  seen = {key(r) for r in train}
+  leaked = [r['id'] for r in eval_ if key(r) in seen]
+  if leaked:
+    raise ValueError(f'{len(leaked)} evaluation items also appear in training, e.g. '
+                     f'{leaked[:5]}; the sources must split disjointly')
+
+
+def load(data_cfg, *, seed: int) -> StageData:
+  """Train and held-out records of every source; eval never overlaps train.
+
+  Cached: the runner and the stage ask for the same data.
+  """
+  return _load(data_cfg.to_json(sort_keys=True), seed)
+
+
+@functools.lru_cache(maxsize=8)
+def _load(data_json: str, seed: int) -> StageData:
+  data_cfg = ml_collections.ConfigDict(json.loads(data_json))
+  train, eval_ = {}, []
   for name, src in data_cfg.sources.items():
     if src.kind not in SOURCE_KINDS:
-      raise ValueError(f'data.sources.{name}.kind={src.kind!r} is unknown; '
-                       f'valid kinds: {SOURCE_KINDS}')
-    eval_part = _source_records(src, 'eval', seed)
-    train_part = _source_records(src, 'train', seed)
-    reasoning_gym_math.check_disjoint(train_part, eval_part)
-    train += train_part
-    eval_ += eval_part
+      raise ValueError(f'data.sources.{name}.kind={src.kind!r} is unknown; valid kinds: '
+                       f'{sorted(SOURCE_KINDS)}')
+    make = SOURCE_KINDS[src.kind].make_records
+    options = src.options.to_dict()
+    try:
+      train[name] = make('train', src.train_size, seed, **options)
+      eval_ += make('eval', src.eval_size, seed, **options) if src.eval_size else []
+    except TypeError as e:
+      raise ValueError(f'data.sources.{name}.options={options} do not fit source kind '
+                       f'{src.kind!r}: {e}') from e
+  check_no_leak([r for records in train.values() for r in records], eval_)
   return StageData(train, eval_)
 
 
-def train_iterator(records, tokenizer, stage_cfg, *, seed: int):
-  """This process's share of the stage's packed training batches."""
-  import jax
-  return data_pipeline.make_train_iterator(
-      records, tokenizer, seq_len=stage_cfg.seq_len,
+def train_iterator(data: StageData, tokenizer, stage_cfg, *, seed: int):
+  """This process's share of the stage's packed training batches: sources mixed
+  by their weights, difficulty levels unlocked by the stage's curriculum."""
+  from data import mixture
+  weights = {name: src.weight for name, src in stage_cfg.data.sources.items()}
+  return mixture.make_mixture_iterator(
+      data.train, weights, tokenizer, seq_len=stage_cfg.seq_len,
       batch_size=stage_cfg.batch_size // jax.process_count(), seed=seed,
+      total_steps=stage_cfg.steps, curriculum=tuple(map(tuple, stage_cfg.data.curriculum)),
       shard_index=jax.process_index(), shard_count=jax.process_count())
-
-
-def score(record: dict, completion: str) -> float:
-  """The task's own scorer on a completion."""
-  return reasoning_gym_math.score(record, completion)
-
-
-def corpus_texts(data_cfg, *, seed: int) -> list[str]:
-  """Every message text of the training records (to train the tokenizer on)."""
-  texts = []
-  for record in load(data_cfg, seed=seed).train:
-    texts += [m['content'] for m in record['messages']]
-  return texts

@@ -1,12 +1,28 @@
 """Math tasks from reasoning_gym as chat records, with worked traces and scorers.
 
 A record is
-    {"id": "basic_arithmetic/train/17", "task": ..., "question": ..., "answer": ...,
+    {"id": "basic_arithmetic/L1/train/17", "task": ..., "level": 1,
+     "question": ..., "answer": ...,
      "messages": [{"role": "user", "content": question},
                   {"role": "assistant", "content": "<think>trace</think><answer>answer</answer>"}],
      "entry": json.dumps(reasoning_gym entry)}
 where the trace is a genuine step-by-step computation for the tasks we can
 solve exactly (arithmetic expressions, GCD) and empty otherwise.
+
+Difficulty levels (LEVEL_TASK_KWARGS) feed `data.mixture`'s curriculum:
+
+    task              level 0 (default)      level 1               level 2
+    basic_arithmetic  2-3 terms, 1-2 digits  3-4 terms, 2 digits   4-5 terms, 2-3 digits
+    chain_sum         2-3 terms, 1-2 digits  3-4 terms, 2 digits   4-5 terms, 2-3 digits
+    gcd               2 numbers <= 99        2 numbers <= 999      2-3 numbers <= 9999
+    leg_counting      1-2 animals, <= 3 each 2-3 animals, <= 5     3-5 animals, <= 10
+
+Level 0 is what these tasks generated before levels existed (same kwargs, same
+seeds), sized for a ~1M-parameter model. It is not smaller because train must
+still find questions outside a 2000-item eval guard: two one-digit terms give
+only 200 distinct chain sums. reasoning_gym's own curricula
+(`BasicArithmeticCurriculum`, ...) step every attribute together and start at
+gcd values up to 100, so the levels here are spelled out instead.
 """
 
 from __future__ import annotations
@@ -22,12 +38,27 @@ import reasoning_gym
 
 SPLITS = ("train", "eval")
 DEFAULT_TASKS = ("basic_arithmetic", "chain_sum", "gcd")
-# Small problems: a ~1M-parameter model must be able to learn these.
-DEFAULT_TASK_KWARGS = {
-    "basic_arithmetic": dict(min_terms=2, max_terms=3, min_digits=1, max_digits=2),
-    "chain_sum": dict(min_terms=2, max_terms=3, min_digits=1, max_digits=2),
-    "gcd": dict(min_numbers=2, max_numbers=2, min_value=1, max_value=99),
-    "leg_counting": dict(min_animals=1, max_animals=2, max_instances=3),
+LEVELS = (0, 1, 2)
+_TERMS_AND_DIGITS = (
+    # Small problems at level 0: a ~1M-parameter model must be able to learn these.
+    dict(min_terms=2, max_terms=3, min_digits=1, max_digits=2),
+    dict(min_terms=3, max_terms=4, min_digits=2, max_digits=2),
+    dict(min_terms=4, max_terms=5, min_digits=2, max_digits=3),
+)
+# reasoning_gym config kwargs per task, one dict per level in LEVELS.
+LEVEL_TASK_KWARGS = {
+    "basic_arithmetic": _TERMS_AND_DIGITS,
+    "chain_sum": _TERMS_AND_DIGITS,
+    "gcd": (
+        dict(min_numbers=2, max_numbers=2, min_value=1, max_value=99),
+        dict(min_numbers=2, max_numbers=2, min_value=1, max_value=999),
+        dict(min_numbers=2, max_numbers=3, min_value=1, max_value=9999),
+    ),
+    "leg_counting": (
+        dict(min_animals=1, max_animals=2, max_instances=3),
+        dict(min_animals=2, max_animals=3, max_instances=5),
+        dict(min_animals=3, max_animals=5, max_instances=10),
+    ),
 }
 # By default train drops questions from an eval split this large, which covers
 # any eval set we build, so train does not leak whatever size eval asks for.
@@ -161,20 +192,33 @@ def _trace(task: str, entry: dict) -> str:
 # ---------------------------------------------------------------- records ---
 
 
-def _split_seed(seed: int, split: str, task: str) -> int:
+def _split_seed(seed: int, split: str, task: str, level: int = 0) -> int:
   # Hashing spreads seeds apart: reasoning_gym item i uses Random(seed + i), so
-  # nearby seeds would generate overlapping items.
-  digest = hashlib.sha256(f"{seed}/{split}/{task}".encode()).digest()
+  # nearby seeds would generate overlapping items. Level 0 keeps the seed it had
+  # before levels existed, so its records did not change.
+  key = f"{seed}/{split}/{task}" + (f"/L{level}" if level else "")
+  digest = hashlib.sha256(key.encode()).digest()
   return int.from_bytes(digest[:4], "little") >> 1
+
+
+def _level_kwargs(task: str, level: int) -> dict:
+  levels = LEVEL_TASK_KWARGS.get(task)
+  if levels is None:
+    if level:
+      raise ValueError(
+          f"Task {task!r} has no difficulty levels; only level 0 (reasoning_gym's"
+          f" defaults). Tasks with levels: {sorted(LEVEL_TASK_KWARGS)}.")
+    return {}
+  return dict(levels[level])
 
 
 def _records(
     task: str, split: str, size: int, seed: int, kwargs: dict,
-    exclude: Collection[str] = (),
+    exclude: Collection[str] = (), *, level: int = 0,
 ) -> list[dict]:
   """The first `size` items of the split whose question is not in `exclude`."""
   dataset = reasoning_gym.create_dataset(
-      task, size=max(size, 1), seed=_split_seed(seed, split, task), **kwargs
+      task, size=max(size, 1), seed=_split_seed(seed, split, task, level), **kwargs
   )
   records = []
   for index in range(size * _MAX_DRAWS_PER_ITEM):
@@ -186,8 +230,9 @@ def _records(
       continue
     completion = f"<think>{_trace(task, entry)}</think><answer>{answer}</answer>"
     records.append({
-        "id": f"{task}/{split}/{index}",
+        "id": f"{task}/L{level}/{split}/{index}",
         "task": task,
+        "level": level,
         "question": question,
         "answer": answer,
         "messages": [
@@ -197,7 +242,7 @@ def _records(
         "entry": json.dumps(entry),
     })
   raise ValueError(
-      f"Task {task!r} with {kwargs} has too few distinct questions outside the"
+      f"Task {task!r} level {level} with {kwargs} has too few distinct questions outside the"
       f" eval split to make {size} {split} records; make the task harder or"
       " ask for fewer."
   )
@@ -210,6 +255,7 @@ def make_records(
     seed: int = 0,
     task_kwargs: Mapping[str, dict] | None = None,
     *,
+    levels: Sequence[int] = (0,),
     eval_guard_size: int = EVAL_GUARD_SIZE,
 ) -> list[dict]:
   """Generates records for one split; train never contains an eval question.
@@ -217,30 +263,46 @@ def make_records(
   Args:
     task_names: reasoning_gym dataset names.
     split: 'train' or 'eval'; each gets its own seed derived from `seed`.
-    size_per_task: records per task.
-    seed: base seed.
-    task_kwargs: per-task config kwargs, merged over DEFAULT_TASK_KWARGS.
+    size_per_task: records per task, spread evenly over `levels` (the first
+      levels get one more when it does not divide).
+    seed: base seed; each split, task and level draws from its own seed.
+    task_kwargs: per-task config kwargs, merged over the level's kwargs
+      (LEVEL_TASK_KWARGS) at every level.
+    levels: difficulty levels to generate, from LEVELS; tasks without a level
+      table (not in LEVEL_TASK_KWARGS) have only level 0.
     eval_guard_size: train drops every question among the first this many
-      eval items of each task; it must be at least the eval size you use.
+      eval items of each task at each of `levels`; it must be at least the
+      eval size you use. Make train and eval with the same `levels`: a
+      question can belong to two levels' spaces.
 
   Returns:
-    Records, task by task, in generation order.
+    Records, task by task and level by level, in generation order.
   """
   if split not in SPLITS:
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
+  levels = list(levels)
+  valid = [isinstance(level, int) and not isinstance(level, bool) and level in LEVELS
+           for level in levels]
+  if not levels or not all(valid) or len(set(levels)) != len(levels):
+    raise ValueError(f"levels must be distinct ints from {LEVELS}, got {levels}.")
   task_kwargs = dict(task_kwargs or {})
   unknown = set(task_kwargs) - set(task_names)
   if unknown:
     raise ValueError(f"task_kwargs names tasks not in task_names: {sorted(unknown)}.")
   records = []
   for task in task_names:
-    kwargs = {**DEFAULT_TASK_KWARGS.get(task, {}), **task_kwargs.get(task, {})}
+    kwargs = {level: {**_level_kwargs(task, level), **task_kwargs.get(task, {})}
+              for level in levels}
     exclude = set()
     if split == "train":
-      # Eval first, so that train can drop whatever eval may contain.
-      guard = _records(task, "eval", eval_guard_size, seed, kwargs)
-      exclude = {r["question"] for r in guard}
-    records += _records(task, split, size_per_task, seed, kwargs, exclude)
+      # Eval first, so that train can drop whatever eval may contain, at any of
+      # the levels: level spaces overlap (a 3-term, 2-digit sum is level 0 and 1).
+      for level in levels:
+        guard = _records(task, "eval", eval_guard_size, seed, kwargs[level], level=level)
+        exclude |= {r["question"] for r in guard}
+    for i, level in enumerate(levels):
+      size = size_per_task // len(levels) + (i < size_per_task % len(levels))
+      records += _records(task, split, size, seed, kwargs[level], exclude, level=level)
   return records
 
 
