@@ -78,3 +78,39 @@ def lock(config: ConfigDict) -> ConfigDict:
     stage.lock()
   config.lock()
   return config
+
+
+def distill_loss(*, ce_weight: float = 0.0, logit_weight: float = 1.0,
+                 hidden_weight: float = 1.0, preference_weight: float = 0.5) -> ConfigDict:
+  """Dual Preference Distillation weights (Nanbeige4-3B report §3.3).
+
+  temperature: τ of the logit KL (the loss is scaled by τ²); direction:
+  'forward' KL(p_T||p_S) | 'reverse' | 'jsd' with jsd_beta β (GKD); top_k: use
+  only the teacher's top-k tokens (0 = all); hidden_kind: 'mse' | 'cosine';
+  layer_map: ((student hidden index, teacher hidden index), ...), () = uniform;
+  dpo_beta: β of the DPO term; pref_kl_weight: token KL on y⁺ and y⁻.
+  """
+  return ConfigDict(dict(ce_weight=ce_weight, logit_weight=logit_weight,
+                         hidden_weight=hidden_weight, preference_weight=preference_weight,
+                         temperature=1.0, direction='forward', jsd_beta=0.5, top_k=0,
+                         hidden_kind='mse', layer_map=(), dpo_beta=0.1, pref_kl_weight=1.0))
+
+
+def distill_stage(name: str, *, model: str, teacher: str, steps: int, batch_size: int,
+                  seq_len: int, sources: dict, curriculum=(), lr: float = 2e-3,
+                  init_from: str = 'scratch', num_pair_prompts: int = 256,
+                  eval_max_new_tokens: int = 64) -> ConfigDict:
+  """A distillation stage: `teacher` (trained by an earlier stage, or
+  `teacher_from` a params folder) into `model`. init_from: 'scratch',
+  'previous', 'teacher_layers' (widths must match) or a params folder."""
+  stage = sft_stage(name, model=model, steps=steps, batch_size=batch_size, seq_len=seq_len,
+                    sources=sources, curriculum=curriculum, lr=lr, init_from=init_from,
+                    eval_max_new_tokens=eval_max_new_tokens)
+  stage.kind = 'distill'
+  stage.teacher = teacher
+  stage.teacher_from = ''
+  stage.loss = distill_loss()
+  # Preference pairs: y⁺ sampled from the teacher, y⁻ from the student.
+  stage.pairs = ConfigDict(dict(num_prompts=num_pair_prompts, max_new_tokens=eval_max_new_tokens,
+                                temperature=1.0, seq_len=seq_len, per_step=8))
+  return stage

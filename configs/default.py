@@ -7,6 +7,8 @@ Stages:
   cold_start_sft  teacher, math 50% / STEM 30% / code 20% (report §3.1)
   overall_sft     teacher, reasoning 40% / conversation 30% / agent 20% / code 10%,
                   with a difficulty curriculum over the reasoning levels
+  distill         teacher -> student (< 1/4 of the teacher's parameters): logit KL,
+                  hidden-state MSE and the preference level (DPD, report §3.3)
 Every stage is evaluated on the same held-out suite (the union of the
 stages' eval splits). Expected on CPU (2 cores, ~6 min): math accuracy rises
 from 0 after each SFT stage; agent call accuracy rises in overall SFT.
@@ -26,10 +28,15 @@ def get_config(arg: str | None = None):
   if tiny:
     config.models.teacher = common.model(d_model=32, num_layers=2, num_heads=2,
                                          num_kv_heads=1, mlp_dim=64)
+    config.models.student = common.model(d_model=8, num_layers=1, num_heads=2,
+                                         num_kv_heads=1, mlp_dim=16)
     steps, batch, seq_len, n_train, n_eval = 8, 8, 128, 100, 4
   else:
     config.models.teacher = common.model(d_model=128, num_layers=4, num_heads=4,
                                          num_kv_heads=2, mlp_dim=384)
+    # At most a quarter of the teacher's parameters.
+    config.models.student = common.model(d_model=64, num_layers=3, num_heads=2,
+                                         num_kv_heads=1, mlp_dim=192)
     steps, batch, seq_len, n_train, n_eval = 500, 16, 256, 3000, 40
   source = common.source
 
@@ -51,6 +58,12 @@ def get_config(arg: str | None = None):
       'humaneval': source('humaneval', weight=0.03, train_size=124 if not tiny else 8,
                           eval_size=n_eval),
   }
+  distill_data = {
+      'reasoning': source('reasoning_gym', weight=0.8, train_size=n_train, eval_size=n_eval,
+                          task_names=MATH_TASKS + STEM_TASKS, levels=(0, 1, 2)),
+      'code': source('code_tasks', weight=0.2, train_size=n_train, eval_size=n_eval,
+                     levels=(0, 1, 2)),
+  }
   max_new = 16 if tiny else 128
   config.stages = [
       common.sft_stage('cold_start_sft', model='teacher', steps=steps, batch_size=batch,
@@ -59,5 +72,9 @@ def get_config(arg: str | None = None):
       common.sft_stage('overall_sft', model='teacher', steps=steps, batch_size=batch,
                        seq_len=seq_len * 2, sources=overall, lr=1e-3,
                        curriculum=((0.0, 1), (0.3, 2)), eval_max_new_tokens=max_new),
+      common.distill_stage('distill', model='student', teacher='teacher', steps=steps,
+                           batch_size=batch, seq_len=seq_len, sources=distill_data,
+                           num_pair_prompts=16 if tiny else 256,
+                           curriculum=((0.0, 1), (0.3, 2)), eval_max_new_tokens=max_new),
   ]
   return common.lock(config)

@@ -11,11 +11,15 @@ checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+META_FILE = 'model_meta.json'
 
 
 def _key_name(key) -> str:
@@ -116,3 +120,25 @@ def load_params(path: str, like_params):
   checkpointer = ocp.StandardCheckpointer()
   check_shapes(checkpointer.metadata(path).item_metadata.tree, like_params, path)
   return checkpointer.restore(path, _abstract(like_params))
+
+
+def write_model_meta(stage_dir: str, tokenizer, model_cfg) -> None:
+  """Next to final/: what a later stage must check before using the params."""
+  with open(os.path.join(stage_dir, META_FILE), 'w') as f:
+    json.dump({'tokenizer_fingerprint': tokenizer.fingerprint(),
+               'model': dataclasses.asdict(model_cfg)}, f, indent=2)
+
+
+def check_same_tokenizer(teacher_params_path: str, tokenizer) -> None:
+  """Teacher and student must share a tokenizer: logits over different
+  vocabularies cannot be compared token by token."""
+  meta_path = os.path.join(os.path.dirname(os.path.abspath(teacher_params_path)), META_FILE)
+  if not os.path.exists(meta_path):
+    raise ValueError(f'teacher params {teacher_params_path} have no {META_FILE} beside them; '
+                     'cannot check that teacher and student share a tokenizer')
+  with open(meta_path) as f:
+    fingerprint = json.load(f)['tokenizer_fingerprint']
+  if fingerprint != tokenizer.fingerprint():
+    raise ValueError(f'the teacher at {teacher_params_path} was trained with tokenizer '
+                     f'{fingerprint} but this run uses {tokenizer.fingerprint()}: teacher and '
+                     'student must share a tokenizer')

@@ -36,6 +36,11 @@ def generate_answers(spec: state_lib.ModelSpec, params, tokenizer, records: Sequ
       spec, params, prompts, sampling.SamplingConfig(max_new_tokens=max_new_tokens),
       rng=jax.random.key(seed), end_id=tokenizer.end_id, pad_id=tokenizer.pad_id,
       batch_size=batch_size)
+  return decode_all(samples, tokenizer)
+
+
+def decode_all(samples: sampling.Samples, tokenizer) -> list[str]:
+  """Each row's generated text, the end token stripped."""
   return [tokenizer.decode([t for t in row[:n] if t != tokenizer.end_id])
           for row, n in zip(samples.tokens.tolist(), samples.lengths)]
 

@@ -92,9 +92,11 @@ class MetricsWriter:
 
 def train_loop(ctx: StageContext, *, state, step_fn: Callable, data_iter: Iterator,
                total_steps: int, checkpoint_every: int, log_every: int,
-               tokens_per_step: int, batch_sharding) -> tuple[Any, list[dict]]:
+               tokens_per_step: int, batch_sharding=None) -> tuple[Any, list[dict]]:
   """Runs `step_fn` from the latest checkpoint (or step 0) to total_steps.
 
+  Batches from `data_iter` are placed on the mesh with `batch_sharding`; with
+  None they go to step_fn as they are (GRPO's batches are prompt records).
   Returns the final state and the logged metric rows.
   """
   ckpt = StageCheckpointer(ctx.stage_dir, checkpoint_every)
@@ -108,7 +110,9 @@ def train_loop(ctx: StageContext, *, state, step_fn: Callable, data_iter: Iterat
   t_last, steps_since = time.perf_counter(), 0
   t_start = t_last
   for step in range(start, total_steps):
-    batch = sharding.shard_batch(next(data_iter), batch_sharding)
+    batch = next(data_iter)
+    if batch_sharding is not None:
+      batch = sharding.shard_batch(batch, batch_sharding)
     state, metrics = step_fn(state, batch)
     steps_since += 1
     done = step + 1

@@ -22,9 +22,9 @@ from jax.experimental import multihost_utils
 
 from data.tokenizer import Tokenizer, train_tokenizer
 from models.llama import ModelConfig
-from pipeline import loop, sft, sharding, stage_data
+from pipeline import distill, loop, sft, sharding, stage_data
 
-STAGE_KINDS = {'sft': sft.run}
+STAGE_KINDS = {'sft': sft.run, 'distill': distill.run}
 
 
 def check_workdir(workdir: str) -> None:
@@ -46,9 +46,10 @@ def validate(config) -> None:
     if stage.kind not in STAGE_KINDS:
       raise ValueError(f'config.stages[{i}].kind={stage.kind!r} (stage {stage.name!r}) is '
                        f'not a stage kind; valid kinds: {sorted(STAGE_KINDS)}')
-    if stage.model not in config.models:
-      raise ValueError(f'config.stages[{i}].model={stage.model!r} is not in config.models '
-                       f'({sorted(config.models)})')
+    for field in ('model', 'teacher'):
+      if field in stage and stage[field] not in config.models:
+        raise ValueError(f'config.stages[{i}].{field}={stage[field]!r} is not in '
+                         f'config.models ({sorted(config.models)})')
 
 
 def model_configs(config, vocab_size: int) -> dict[str, ModelConfig]:
@@ -118,18 +119,31 @@ class Summary:
     os.replace(tmp, self.path)
 
 
+def _latest_params(config, index: int, model: str, workdir: str) -> str | None:
+  """Final params of the last stage before `index` that trained `model`."""
+  for prev in reversed(config.stages[:index]):
+    if prev.model == model:
+      return os.path.join(workdir, prev.name, 'final')
+  return None
+
+
 def _init_params_path(config, index: int, workdir: str) -> str | None:
   """Where stage `index` starts: 'scratch', 'previous' (the last earlier stage
-  that trained the same model) or an explicit params checkpoint path."""
+  that trained the same model), 'teacher_layers' (distill: built by the
+  stage from its teacher) or an explicit params checkpoint path."""
   stage = config.stages[index]
-  if stage.init_from == 'scratch':
+  if stage.init_from in ('scratch', 'teacher_layers'):
     return None
   if stage.init_from == 'previous':
-    for prev in reversed(config.stages[:index]):
-      if prev.model == stage.model:
-        return os.path.join(workdir, prev.name, 'final')
-    return None
+    return _latest_params(config, index, stage.model, workdir)
   return stage.init_from
+
+
+def _teacher_params_path(config, index: int, workdir: str) -> str | None:
+  stage = config.stages[index]
+  if 'teacher' not in stage:
+    return None
+  return stage.teacher_from or _latest_params(config, index, stage.teacher, workdir)
 
 
 def _write_eval_table(stage_dir: str, name: str, metrics: dict) -> None:
@@ -165,7 +179,8 @@ def run_pipeline(config, workdir: str) -> dict:
         name=stage.name, stage_dir=stage_dir, mesh=mesh, rules=rules, tokenizer=tokenizer,
         seed=config.seed + index, data_seed=config.seed, models=models,
         eval_records=eval_records,
-        init_params_path=_init_params_path(config, index, workdir), is_logger=is_logger)
+        init_params_path=_init_params_path(config, index, workdir),
+        teacher_params_path=_teacher_params_path(config, index, workdir), is_logger=is_logger)
     entry['status'] = 'running'
     summary.save()
     t0 = time.perf_counter()

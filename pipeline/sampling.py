@@ -136,3 +136,23 @@ def generate(spec: state_lib.ModelSpec, params, prompts: Sequence[np.ndarray],
   is_end = tokens == end_id
   lengths = np.where(is_end.any(axis=1), is_end.argmax(axis=1) + 1, cfg.max_new_tokens)
   return Samples(tokens, log_probs, lengths.astype(np.int32), ~is_end.any(axis=1))
+
+
+def prompt_completion_row(prompt_ids: np.ndarray, completion_ids: np.ndarray,
+                          length: int) -> dict[str, np.ndarray]:
+  """prompt + completion as one training row of `length` (inputs, targets,
+  positions, and a mask on the completion's tokens only), right-padded."""
+  ids = np.concatenate([prompt_ids, completion_ids])[:length + 1]
+  mask = np.zeros(len(ids), np.float32)
+  mask[len(prompt_ids):] = 1.0
+  row = {k: np.zeros(length, np.int32) for k in ('inputs', 'targets', 'positions')}
+  row['mask'] = np.zeros(length, np.float32)
+  n = len(ids) - 1
+  row['inputs'][:n], row['targets'][:n], row['mask'][:n] = ids[:-1], ids[1:], mask[1:]
+  row['positions'][:n] = np.arange(n)
+  return row
+
+
+def completion_ids(samples: Samples, i: int) -> np.ndarray:
+  """Row i's generated tokens, including its end token when it has one."""
+  return samples.tokens[i, :samples.lengths[i]]

@@ -113,6 +113,7 @@ def run(cfg, ctx: loop.StageContext) -> dict:
       checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every,
       tokens_per_step=cfg.batch_size * cfg.seq_len, batch_sharding=batch_sharding)
   checkpoint.save_params(os.path.join(ctx.stage_dir, 'final'), state['params'])
+  checkpoint.write_model_meta(ctx.stage_dir, ctx.tokenizer, spec.config)
   metrics = evaluate.evaluate(spec, state['params'], ctx.tokenizer, ctx.eval_records, cfg.eval,
                               seed=ctx.seed)
   if history:

@@ -64,11 +64,17 @@ def merge(spec: ModelSpec, params) -> Transformer:
 
 
 def init_train_state(spec: ModelSpec, params, tx: optax.GradientTransformation,
-                     mesh: Mesh, seed: int):
+                     mesh: Mesh, seed: int, extras: dict | None = None):
   """Returns (state, state_shardings). Optimizer moments inherit the params'
-  shardings (GSPMD propagates them through tx.init)."""
-  opt_state = jax.jit(tx.init)(params)
-  state = {'params': params, 'opt_state': opt_state,
+  shardings (GSPMD propagates them through tx.init).
+
+  extras: more trainable arrays (e.g. distillation's projection W), kept in
+  the state next to 'params' and optimised with them.
+  """
+  # Extras are small: replicated on the mesh.
+  extras = jax.device_put(extras or {}, sharding.replicated(mesh))
+  opt_state = jax.jit(tx.init)({'params': params, **extras} if extras else params)
+  state = {'params': params, **extras, 'opt_state': opt_state,
            'step': jnp.zeros((), jnp.int32), 'rng': jax.random.key_data(jax.random.key(seed))}
   rep = sharding.replicated(mesh)
   state = jax.device_put(state, jax.tree.map(

@@ -1,0 +1,303 @@
+"""On-policy GRPO (Shao et al. 2024) with the DAPO refinements the source
+report uses: no KL term by default (β = 0 keeps no reference model), clip-higher
+(ε_low, ε_high), token-mean loss, truncated completions masked, a pass-rate
+band filter before the stage and dynamic sampling during it.
+
+One step: take P prompts → sample G completions each (one batched, jitted,
+cached call) → score them with the stage's reward functions → group-normalised
+advantages → drop zero-variance groups and sample replacements → μ updates
+(`num_iterations`) against the rollout policy's log-probs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from data.chat import render_prompt
+from losses import grpo as grpo_losses
+from losses.ce import token_log_probs
+from pipeline import checkpoint, evaluate, loop, rewards, sampling, sharding, stage_data
+from pipeline import state as state_lib
+from pipeline.optim import make_optimizer
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+  """The stage's `grpo` config, hashable for jit."""
+  group_size: int  # G
+  num_iterations: int  # μ
+  epsilon_low: float  # ε_low
+  epsilon_high: float  # ε_high (clip-higher, DAPO)
+  beta: float  # β of the k3 KL to the reference; 0 keeps no reference
+  scale_rewards: str  # 'group' | 'batch' | 'none'
+  loss_agg: str  # 'token_mean' | 'seq_mean_token_mean' | 'seq_mean_token_sum_norm'
+  temperature: float
+  max_new_tokens: int  # L
+
+
+class PromptIterator:
+  """Prompt records in a seeded order, reshuffled every epoch; its state is
+  the number of prompts handed out, so resuming replays exactly."""
+
+  def __init__(self, records: list[dict], batch: int, seed: int):
+    self.records, self.batch, self.seed, self.position = records, batch, seed, 0
+
+  def _order(self, epoch: int) -> np.ndarray:
+    return np.random.default_rng([self.seed, epoch]).permutation(len(self.records))
+
+  def take(self, n: int) -> list[dict]:
+    out = []
+    for _ in range(n):
+      epoch, i = divmod(self.position, len(self.records))
+      out.append(self.records[self._order(epoch)[i]])
+      self.position += 1
+    return out
+
+  def __next__(self) -> list[dict]:
+    return self.take(self.batch)
+
+  def get_state(self) -> dict:
+    return {'position': self.position}
+
+  def set_state(self, state: dict) -> None:
+    self.position = state['position']
+
+
+# ------------------------------------------------------------- the update ---
+
+def policy_log_probs(params, batch, spec, temperature: float):
+  """log π(token) and entropy under the sampling temperature, [B, T] each."""
+  logits = state_lib.merge(spec, params)(batch['inputs'], batch['positions']).logits
+  logits = logits / temperature
+  return token_log_probs(logits, batch['targets']), grpo_losses.token_entropy(logits)
+
+
+def train_step(state, batch, *, spec, tx, schedule, cfg: GRPOConfig):
+  """One policy-gradient update on a rollout batch (pure; jitted once).
+
+  batch: inputs/targets/positions/mask [B, T], old_logp [B, T] (the rollout
+  policy), advantages [B], truncated [B], and ref_logp [B, T] when β > 0.
+  """
+  def loss_fn(params):
+    logp, entropy = policy_log_probs(params, batch, spec, cfg.temperature)
+    return grpo_losses.grpo_loss(
+        logp, batch['old_logp'], batch['advantages'], batch['mask'],
+        epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, beta=cfg.beta,
+        ref_logp_bt=batch.get('ref_logp'), loss_agg=cfg.loss_agg,
+        max_tokens=cfg.max_new_tokens, truncated_b=batch['truncated'], entropy_bt=entropy)
+  grads, metrics = jax.grad(loss_fn, has_aux=True)(state['params'])
+  updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+  new_state = {**state, 'params': optax.apply_updates(state['params'], updates),
+               'opt_state': opt_state, 'step': state['step'] + 1}
+  metrics.update(grad_norm=optax.tree.norm(grads), lr=schedule(state['step']))
+  return new_state, metrics
+
+
+# --------------------------------------------------------------- rollouts ---
+
+@dataclasses.dataclass
+class Rollout:
+  records: list[dict]  # one per row (each prompt repeated G times)
+  prompt_ids: list[np.ndarray]
+  samples: sampling.Samples
+  rewards: np.ndarray  # [B] weighted total
+  per_function: dict[str, np.ndarray]  # NaN where not applicable
+  stats: dict[str, float]
+
+
+class Roller:
+  """Samples G completions per prompt and scores them."""
+
+  def __init__(self, spec, tokenizer, reward_system, cfg: GRPOConfig, top_k: int, top_p: float):
+    self.spec, self.tokenizer, self.reward_system, self.cfg = spec, tokenizer, reward_system, cfg
+    self.sampling = sampling.SamplingConfig(max_new_tokens=cfg.max_new_tokens,
+                                            temperature=cfg.temperature, top_k=top_k, top_p=top_p)
+
+  def __call__(self, params, prompt_records: list[dict], rng, group_size: int) -> Rollout:
+    records = [r for r in prompt_records for _ in range(group_size)]
+    prompt_ids = [render_prompt(stage_data.eval_input(r), self.tokenizer) for r in records]
+    samples = sampling.generate(self.spec, params, prompt_ids, self.sampling, rng=rng,
+                                end_id=self.tokenizer.end_id, pad_id=self.tokenizer.pad_id,
+                                batch_size=len(records))
+    completions = evaluate.decode_all(samples, self.tokenizer)
+    prompts = [self.tokenizer.decode(p) for p in prompt_ids]
+    total, per_function, stats = self.reward_system(
+        prompts, completions, records=records, truncated=list(samples.truncated),
+        lengths=list(samples.lengths), max_new_tokens=self.cfg.max_new_tokens)
+    return Rollout(records, prompt_ids, samples, np.asarray(total, np.float32), per_function,
+                   stats)
+
+
+def solved(rollout: Rollout, correctness: tuple[str, ...]) -> np.ndarray:
+  """[B] bool: a correctness reward (verifier) gave full marks."""
+  scores = [np.nan_to_num(rollout.per_function[n], nan=0.0) for n in correctness
+            if n in rollout.per_function]
+  return np.max(scores, axis=0) >= 1.0 if scores else np.zeros(len(rollout.records), bool)
+
+
+def pass_rate_filter(roller: Roller, params, records: list[dict], cfg, correctness, seed: int):
+  """Keeps the prompts the current policy solves in [low, high] of k samples
+  (the report: 10%..90% of 16): too easy or too hard teaches nothing."""
+  kept, rates = [], []
+  key = jax.random.key(seed)
+  chunk = max(1, cfg.batch_prompts)
+  for start in range(0, len(records), chunk):
+    part = records[start:start + chunk]
+    key, sub = jax.random.split(key)
+    rollout = roller(params, part, sub, cfg.k)
+    rate = solved(rollout, correctness).reshape(len(part), cfg.k).mean(axis=1)
+    rates += rate.tolist()
+    kept += [r for r, p in zip(part, rate) if cfg.low <= p <= cfg.high]
+  return kept, np.asarray(rates)
+
+
+def build_batch(rollouts: list[Rollout], groups: list[tuple[int, int]], advantages, *,
+                num_groups: int, group_size: int, seq_len: int) -> dict[str, np.ndarray]:
+  """Training rows for the kept groups; missing groups (dynamic sampling ran
+  out of rounds) are filler rows with an all-zero mask."""
+  rows, adv, trunc = [], [], []
+  for (r_idx, g_idx), a in zip(groups, advantages):
+    ro = rollouts[r_idx]
+    for j in range(g_idx * group_size, (g_idx + 1) * group_size):
+      rows.append(sampling.prompt_completion_row(
+          ro.prompt_ids[j], sampling.completion_ids(ro.samples, j), seq_len))
+      trunc.append(bool(ro.samples.truncated[j]))
+    adv += list(a)
+  while len(rows) < num_groups * group_size:
+    rows.append({k: np.zeros_like(v) for k, v in rows[0].items()})
+    adv.append(0.0)
+    trunc.append(False)
+  batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+  batch['advantages'] = np.asarray(adv, np.float32)
+  batch['truncated'] = np.asarray(trunc)
+  return batch
+
+
+# ------------------------------------------------------------------ stage ---
+
+def run(cfg, ctx: loop.StageContext) -> dict:
+  """GRPO on cfg.model; returns {'steps', 'eval', 'history'}."""
+  gcfg = GRPOConfig(**cfg.grpo.to_dict())
+  spec = state_lib.model_spec(ctx.models[cfg.model], ctx.mesh, ctx.rules)
+  if not ctx.init_params_path:
+    raise ValueError(f'stage {cfg.name!r}: GRPO starts from a trained policy; '
+                     "init_from must be 'previous' after an earlier stage or a params folder")
+  params = checkpoint.load_params(ctx.init_params_path, state_lib.abstract_params(spec))
+  reward_system = rewards.reward_system_from_config(cfg.rewards, ctx)
+  roller = Roller(spec, ctx.tokenizer, reward_system, gcfg, cfg.sampling.top_k,
+                  cfg.sampling.top_p)
+  correctness = tuple(cfg.filter.functions)
+
+  # Prompts: the stage's training records that a reward function applies to.
+  data = stage_data.load(cfg.data, seed=ctx.data_seed)
+  candidates = data.all_train()
+  filter_path = os.path.join(ctx.stage_dir, 'filter.json')
+  if os.path.exists(filter_path):  # resume: the filter ran before the first step
+    with open(filter_path) as f:
+      saved = json.load(f)
+    kept_ids = set(saved['kept'])
+    prompts = [r for r in candidates if r['id'] in kept_ids]
+    filter_stats = saved['stats']
+  elif cfg.filter.enabled:
+    pool = PromptIterator(candidates, 1, ctx.seed).take(min(cfg.filter.num_candidates,
+                                                            len(candidates)))
+    t0 = time.perf_counter()
+    prompts, rates = pass_rate_filter(roller, params, pool, cfg.filter, correctness, ctx.seed)
+    filter_stats = {'candidates': len(pool), 'kept': len(prompts),
+                    'mean_pass_rate': float(rates.mean()),
+                    'too_easy': int((rates > cfg.filter.high).sum()),
+                    'too_hard': int((rates < cfg.filter.low).sum()),
+                    'wall_s': time.perf_counter() - t0}
+    logging.info('%s: pass-rate filter %s', ctx.name, filter_stats)
+    if not prompts:
+      raise ValueError(f'stage {cfg.name!r}: the pass-rate filter kept no prompt of '
+                       f'{len(pool)} ({filter_stats}); widen filter.low/high or train longer')
+  else:
+    prompts = candidates
+    filter_stats = {'candidates': len(candidates), 'kept': len(candidates)}
+  if ctx.is_logger and not os.path.exists(filter_path):
+    with open(filter_path, 'w') as f:
+      json.dump({'kept': [r['id'] for r in prompts], 'stats': filter_stats}, f)
+
+  tx, schedule = make_optimizer(cfg.optim, cfg.steps)
+  state, shardings = state_lib.init_train_state(spec, params, tx, ctx.mesh, ctx.seed)
+  batch_sharding = sharding.batch_sharding(ctx.mesh, ctx.rules)
+  step = jax.jit(functools.partial(train_step, spec=spec, tx=tx, schedule=schedule, cfg=gcfg),
+                 in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
+                 donate_argnums=0)
+  logp_fn = jax.jit(lambda p, b: policy_log_probs(p, b, spec, gcfg.temperature)[0])
+  ref_params = params if gcfg.beta > 0 else None  # β = 0: no reference kept
+  prompt_iter = PromptIterator(prompts, cfg.prompts_per_step, ctx.seed)
+  g = gcfg.group_size
+
+  def step_fn(state, prompt_records):
+    t0 = time.perf_counter()
+    base_key = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), int(state['step']))
+    rollouts, groups, advantages = [], [], []
+    zero_var = total_groups = 0
+    for round_idx in range(cfg.max_sampling_rounds):
+      ro = roller(state['params'], prompt_records, jax.random.fold_in(base_key, round_idx), g)
+      rollouts.append(ro)
+      adv = np.asarray(grpo_losses.group_advantages(
+          jnp.asarray(ro.rewards), g, scale_rewards=gcfg.scale_rewards)).reshape(-1, g)
+      flat = np.asarray(grpo_losses.zero_variance_groups(jnp.asarray(ro.rewards), g))
+      zero_var += int(flat.sum())
+      total_groups += len(flat)
+      for gi in np.flatnonzero(~flat):
+        if len(groups) < cfg.prompts_per_step:
+          groups.append((len(rollouts) - 1, gi))
+          advantages.append(adv[gi])
+      if len(groups) >= cfg.prompts_per_step or not cfg.dynamic_sampling:
+        break
+      prompt_records = prompt_iter.take(cfg.prompts_per_step)  # replacements
+    t_gen_score = time.perf_counter() - t0
+    batch = build_batch(rollouts, groups, advantages, num_groups=cfg.prompts_per_step,
+                        group_size=g, seq_len=cfg.seq_len)
+    batch = sharding.shard_batch(batch, batch_sharding)
+    batch['old_logp'] = logp_fn(state['params'], batch)
+    if ref_params is not None:
+      batch['ref_logp'] = logp_fn(ref_params, batch)
+    t1 = time.perf_counter()
+    for _ in range(gcfg.num_iterations):
+      state, metrics = step(state, batch)
+    metrics = dict(metrics)
+    first = rollouts[0]
+    metrics.update({
+        'reward_mean': float(first.rewards.mean()), 'reward_std': float(first.rewards.std()),
+        'zero_variance_fraction': zero_var / max(total_groups, 1),
+        'groups_kept': len(groups), 'sampling_rounds': len(rollouts),
+        'completion_length': float(first.samples.lengths.mean()),
+        'truncation_rate': float(first.samples.truncated.mean()),
+        'accuracy': float(solved(first, correctness).mean()),
+        'time_generate_score_s': t_gen_score, 'time_update_s': time.perf_counter() - t1})
+    for name, values in first.per_function.items():
+      if np.isfinite(values).any():
+        metrics[f'reward/{name}'] = float(np.nanmean(values))
+    for name, value in first.stats.items():
+      if isinstance(value, (int, float)):
+        metrics[f'reward_stats/{name}'] = float(value)
+    return state, metrics
+
+  state, history = loop.train_loop(
+      ctx, state=state, step_fn=step_fn, data_iter=prompt_iter, total_steps=cfg.steps,
+      checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every,
+      tokens_per_step=cfg.prompts_per_step * g * gcfg.max_new_tokens)
+  checkpoint.save_params(os.path.join(ctx.stage_dir, 'final'), state['params'])
+  checkpoint.write_model_meta(ctx.stage_dir, ctx.tokenizer, spec.config)
+  metrics = evaluate.evaluate(spec, state['params'], ctx.tokenizer, ctx.eval_records, cfg.eval,
+                              seed=ctx.seed)
+  metrics.update({f'filter/{k}': v for k, v in filter_stats.items()})
+  if history:
+    metrics['train_reward_first'] = history[0]['reward_mean']
+    metrics['train_reward_last'] = history[-1]['reward_mean']
+  return {'steps': cfg.steps, 'eval': metrics, 'history': history}
