@@ -44,6 +44,6 @@ def get_config(arg: str | None = None):
       common.sft_stage('math_sft', model='teacher', steps=steps, batch_size=batch,
                        seq_len=seq_len, sources=sources, lr=3e-3,
                        curriculum=((0.0, 0), (0.4, 1)),
-                       eval_max_new_tokens=16 if tiny else 160),
+                       eval_max_new_tokens=16 if tiny else 192),
   ]
   return common.lock(config)

@@ -26,6 +26,7 @@ or traced.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Sequence
 
 import jax
@@ -58,9 +59,16 @@ def _entropy(log_p: jax.Array) -> jax.Array:
   return -jnp.sum(jnp.where(p > 0, p * log_p, 0.0), axis=-1)
 
 
+def _is_number(x) -> bool:
+  return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
 def _check_positive(name: str, value) -> None:
-  if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0 \
-      or not math.isfinite(value):
+  if not _is_number(value) or not value > 0 or not math.isfinite(value):
     raise ValueError(f'{name} must be a finite Python number > 0, got {value!r}')
 
 
@@ -118,15 +126,16 @@ def logit_kl(student_logits_btv: jax.Array, teacher_logits_btv: jax.Array, mask_
   _check_positive('temperature', temperature)
   if direction not in DIRECTIONS:
     raise ValueError(f'direction must be one of {DIRECTIONS}, got {direction!r}')
-  if direction == 'jsd' and not (isinstance(beta, (int, float)) and 0.0 < beta < 1.0):
+  if direction == 'jsd' and not (_is_number(beta) and 0.0 < beta < 1.0):
     raise ValueError(f'jsd beta must be in (0, 1), got {beta!r} (JSD(β) is identically 0 at '
                      "β = 0 and 1; use direction='forward' or 'reverse' for those limits)")
   vocab = student_logits_btv.shape[-1]
-  if not isinstance(top_k, int) or isinstance(top_k, bool) or not 0 <= top_k <= vocab:
+  if not _is_int(top_k) or not 0 <= top_k <= vocab:
     raise ValueError(f'top_k must be an int in [0, vocab size {vocab}], got {top_k!r}')
 
   s_btv = student_logits_btv.astype(jnp.float32) / temperature
   t_btv = jax.lax.stop_gradient(teacher_logits_btv).astype(jnp.float32) / temperature
+  top_k = int(top_k)
   if 0 < top_k < vocab:
     t_btv, top_btk = jax.lax.top_k(t_btv, top_k)  # [B, T, K] values and vocab ids
     s_btv = jnp.take_along_axis(s_btv, top_btk, axis=-1)  # [B, T, K]
@@ -169,9 +178,9 @@ def uniform_layer_map(num_student_layers: int, num_teacher_layers: int,
   """
   for name, n in (('num_student_layers', num_student_layers),
                   ('num_teacher_layers', num_teacher_layers)):
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+    if not _is_int(n) or n < 1:
       raise ValueError(f'{name} must be an int >= 1, got {n!r}')
-  ls, lt = num_student_layers, num_teacher_layers
+  ls, lt = int(num_student_layers), int(num_teacher_layers)
   # round-half-up in integers: floor(i·L_T/L_S + 1/2)
   pairs = tuple((i, max(1, (2 * i * lt + ls) // (2 * ls))) for i in range(1, ls + 1))
   return ((0, 0),) + pairs if include_embeddings else pairs
@@ -217,7 +226,7 @@ def hidden_state_loss(student_hidden: Sequence[jax.Array], teacher_hidden: Seque
                      'e.g. uniform_layer_map(L_S, L_T)')
   for pair in layer_map:
     ok = (isinstance(pair, (tuple, list)) and len(pair) == 2 and
-          all(isinstance(k, int) and not isinstance(k, bool) for k in pair))
+          all(_is_int(k) for k in pair))
     if not ok or not (0 <= pair[0] < n_s and 0 <= pair[1] < n_t):
       raise ValueError(f'bad layer_map pair {pair!r}: need (student, teacher) int indices with '
                        f'student in [0, {n_s - 1}] and teacher in [0, {n_t - 1}] '
@@ -367,7 +376,7 @@ def preference_distillation_loss(
     'dpo_num_pairs', 'dpo_loss_sum').
   """
   for name, w in (('kl_weight', kl_weight), ('dpo_weight', dpo_weight)):
-    if not isinstance(w, (int, float)) or isinstance(w, bool) or not (w >= 0 and math.isfinite(w)):
+    if not _is_number(w) or not (w >= 0 and math.isfinite(w)):
       raise ValueError(f'{name} must be a finite Python number >= 0, got {w!r}')
   b = student_chosen_logits_btv.shape[0]
   if student_rejected_logits_btv.shape[:1] != (b,):

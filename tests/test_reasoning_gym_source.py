@@ -16,11 +16,17 @@ def splits():
 
 
 @pytest.mark.parametrize("expression, trace, value", [
-    ("5 - 3 - 6", "5 - 3 = 2\n2 - 6 = -4", -4),
-    ("2 + 3 * 4", "3 * 4 = 12\n2 + 12 = 14", 14),
-    ("( 2 + 3 ) * 4", "2 + 3 = 5\n5 * 4 = 20", 20),
-    ("-( 1 + 2 ) * -3", "1 + 2 = 3\n-(3) = -3\n-3 * -3 = 9", 9),
-    ("7 / 2 - -1", "7 / 2 = 3\n3 - -1 = 4", 4),  # "/" floors, as in reasoning_gym
+    ("5 - 3 - 6", "5 - 3: 5-3=2 = 2\n2 - 6 = -(6 - 2): 6-2=4 = -4", -4),
+    ("47 + 85", "47 + 85: 7+5=12, 4+8+1=13 = 132", 132),
+    ("83 - 49", "83 - 49: 13-9=4, 8-4-1=3 = 34", 34),
+    ("100 - 1", "100 - 1: 10-1=9, 10-0-1=9, 1-0-1=0 = 99", 99),
+    ("-23 - -76", "-23 - -76 = 76 - 23: 6-3=3, 7-2=5 = 53", 53),
+    ("-39 - 62", "-39 - 62 = -(39 + 62): 9+2=11, 3+6+1=10 = -101", -101),
+    ("-5 + 5", "-5 + 5 = 5 - 5: 5-5=0 = 0", 0),
+    ("2 + 3 * 4", "3 * 4 = 12\n2 + 12: 2+2=4, 0+1=1 = 14", 14),
+    ("( 2 + 3 ) * 4", "2 + 3: 2+3=5 = 5\n5 * 4 = 20", 20),
+    ("-( 1 + 2 ) * -3", "1 + 2: 1+2=3 = 3\n-(3) = -3\n-3 * -3 = 9", 9),
+    ("7 / 2 - -1", "7 / 2 = 3\n3 - -1 = 3 + 1: 3+1=4 = 4", 4),  # "/" floors, as in reasoning_gym
     ("42", "", 42),
 ])
 def test_arithmetic_trace(expression, trace, value):
@@ -32,24 +38,79 @@ def test_gcd_trace():
       "98 mod 58 = 40\n58 mod 40 = 18\n40 mod 18 = 4\n18 mod 4 = 2\n4 mod 2 = 0", 2)
 
 
-def test_every_trace_step_is_correct(splits):
-  step = re.compile(r"^(-?\d+) ([-+*/]|mod) (-?\d+) = (-?\d+)$|^-\((-?\d+)\) = (-?\d+)$")
-  ops = {"+": int.__add__, "-": int.__sub__, "*": int.__mul__, "/": int.__floordiv__,
-         "mod": int.__mod__}
-  for record in splits[0] + splits[1]:
+_OPS = {"+": int.__add__, "-": int.__sub__, "*": int.__mul__, "/": int.__floordiv__,
+        "mod": int.__mod__}
+_ONE_LINE = re.compile(r"^(-?\d+) ([*/]|mod) (-?\d+) = (-?\d+)$")
+_NEGATION = re.compile(r"^-\((-?\d+)\) = (-?\d+)$")
+_ADD_SUB = re.compile(r"^(-?\d+) ([-+]) (-?\d+)(?: = (-?)\(?(\d+) ([-+]) (\d+)\)?)?: (.+) = (-?\d+)$")
+_COLUMN = re.compile(r"^(\d+)([-+])(\d)(?:[-+](1))?=(\d+)$")
+
+
+def _check_columns(x, op, y, columns):
+  """The columns of x op y (magnitudes) are the schoolbook algorithm's; returns
+  the number they spell."""
+  xs, ys = str(x)[::-1], str(y)[::-1]
+  assert len(columns) == max(len(xs), len(ys)), columns
+  carry, digits = 0, []
+  for i, column in enumerate(columns):
+    m = _COLUMN.match(column)
+    assert m and m.group(2) == op, column
+    top, bottom, carry_in, result = int(m.group(1)), int(m.group(3)), int(m.group(4) or 0), int(m.group(5))
+    assert carry_in == carry, (column, carry)
+    assert bottom == (int(ys[i]) if i < len(ys) else 0), column
+    if op == "+":
+      assert top == (int(xs[i]) if i < len(xs) else 0), column
+      assert top + bottom + carry_in == result, column
+      digits.append(str(result) if i == len(columns) - 1 else str(result % 10))
+      carry = result // 10
+    else:  # a borrowing column writes its top digit plus ten
+      assert top in (int(xs[i]), int(xs[i]) + 10) and 0 <= result <= 9, column
+      assert top - bottom - carry_in == result, column
+      digits.append(str(result))
+      carry = int(top >= 10)
+  return int("".join(reversed(digits)))
+
+
+def _check_step(line):
+  """Asserts that a trace line's arithmetic is right; returns the value it gives."""
+  if m := _ONE_LINE.match(line):
+    a, op, b, c = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
+    assert _OPS[op](a, b) == c, line
+    return c
+  if m := _NEGATION.match(line):
+    assert -int(m.group(1)) == int(m.group(2)), line
+    return int(m.group(2))
+  m = _ADD_SUB.match(line)
+  assert m, f"bad step {line!r}"
+  a, op, b, c = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(9))
+  assert _OPS[op](a, b) == c, line
+  if m.group(5):  # the signs rewritten as an operation on magnitudes
+    sign, x, op2, y = -1 if m.group(4) else 1, int(m.group(5)), m.group(6), int(m.group(7))
+  else:
+    sign, x, op2, y = 1, a, op, b
+  assert x >= 0 and y >= 0 and (op2 == "+" or x >= y), line
+  assert sign * _OPS[op2](x, y) == c, line
+  assert sign * _check_columns(x, op2, y, m.group(8).split(", ")) == c, line
+  return c
+
+
+def test_every_trace_step_is_correct(splits, level_splits):
+  records = splits[0] + splits[1] + level_splits[0] + level_splits[1]
+  for record in records:
     reply = record["messages"][1]["content"]
     trace = re.fullmatch(r"<think>(.*)</think><answer>(.*)</answer>", reply, re.S)
     assert trace and trace.group(2) == record["answer"], record["id"]
     assert trace.group(1), f"{record['id']}: no trace"
-    for line in trace.group(1).split("\n"):
-      m = step.match(line)
-      assert m, f"{record['id']}: bad step {line!r}"
-      if m.group(2):
-        assert ops[m.group(2)](int(m.group(1)), int(m.group(3))) == int(m.group(4)), line
-      else:
-        assert -int(m.group(5)) == int(m.group(6)), line
+    values = [_check_step(line) for line in trace.group(1).split("\n")]
     if record["task"] != "gcd":  # Euclid ends on "a mod b = 0"; its answer is b
-      assert line.endswith(f"= {record['answer']}"), record["id"]
+      assert str(values[-1]) == record["answer"], record["id"]
+
+
+def test_level_zero_arithmetic_is_sums_and_differences(level_splits):
+  for record in level_splits[0] + level_splits[1]:
+    if record["task"] in ("basic_arithmetic", "chain_sum") and record["level"] == 0:
+      expression = json.loads(record["entry"])["metadata"]["expression"]
+      assert re.fullmatch(r"\d+( [-+] \d+)+", expression), (record["id"], expression)
 
 
 def test_record_format(splits):
