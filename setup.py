@@ -29,10 +29,11 @@ setup(
         'chatterbot-corpus>=1.3.3,<2',
         'PyYAML>=6,<7',
         'mpmath>=1.3,<2',  # bfcl-eval's MathAPI back end
+        'math-verify>=0.9.0,<0.10',  # answer equivalence in the STEM reward
         # bfcl-eval itself is installed with --no-deps (its pinned deps conflict):
         #   pip install --no-deps bfcl-eval==2026.3.23
     ],
     extras_require={
-        'dev': ['pytest>=8,<10'],
+        'dev': ['pytest>=8,<10', 'matplotlib>=3.8,<4'],
     },
 )

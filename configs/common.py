@@ -56,8 +56,9 @@ def sft_stage(name: str, *, model: str, steps: int, batch_size: int, seq_len: in
       steps=steps, batch_size=batch_size, seq_len=seq_len, grad_accum=1,
       optim=optim(lr=lr, warmup_steps=max(steps // 20, 1)),
       data=ConfigDict(dict(sources=ConfigDict(sources), curriculum=tuple(curriculum))),
+      # during_training: held-out records scored every eval_every steps (0 = off).
       eval=ConfigDict(dict(max_new_tokens=eval_max_new_tokens, batch_size=64,
-                           max_chat_len=256)),
+                           max_chat_len=256, during_training=0, eval_every=0)),
       checkpoint_every=max(steps // 4, 1), log_every=max(min(steps // 20, 50), 1)))
 
 
@@ -68,6 +69,7 @@ def base(seed: int = 0, vocab_size: int = 1024) -> ConfigDict:
   config.tokenizer = ConfigDict(dict(vocab_size=vocab_size))
   config.models = ConfigDict()
   config.stages = []
+  config.stop_after = ''  # a stage name: run the stages up to it only ('' = all)
   return config
 
 
@@ -113,4 +115,44 @@ def distill_stage(name: str, *, model: str, teacher: str, steps: int, batch_size
   # Preference pairs: y⁺ sampled from the teacher, y⁻ from the student.
   stage.pairs = ConfigDict(dict(num_prompts=num_pair_prompts, max_new_tokens=eval_max_new_tokens,
                                 temperature=1.0, seq_len=seq_len, per_step=8))
+  return stage
+
+
+def grpo_stage(name: str, *, model: str, steps: int, sources: dict, rewards: dict,
+               prompts_per_step: int = 8, group_size: int = 8, max_new_tokens: int = 128,
+               seq_len: int = 256, lr: float = 2e-4, filter_k: int = 16,
+               filter_candidates: int = 256, reward_model: str = '') -> ConfigDict:
+  """A GRPO stage (Shao et al. 2024) with DAPO's choices as in the report:
+  no KL (β = 0), clip-higher, token-mean loss, truncated completions masked,
+  the pass-rate band filter before the stage and dynamic sampling during it.
+
+  rewards: {function name: weight} (pipeline/rewards.py; 'preference' needs
+  `reward_model`, the name of an earlier reward_model stage).
+  """
+  stage = sft_stage(name, model=model, steps=steps, batch_size=prompts_per_step * group_size,
+                    seq_len=seq_len, sources=sources, lr=lr,
+                    eval_max_new_tokens=max_new_tokens)
+  stage.kind = 'grpo'
+  stage.optim.schedule = 'constant'
+  stage.optim.weight_decay = 0.0
+  stage.prompts_per_step = prompts_per_step  # P prompts, each sampled G times
+  stage.reward_model = reward_model
+  stage.grpo = ConfigDict(dict(
+      group_size=group_size,  # G
+      num_iterations=1,  # μ: updates per rollout batch (old log-probs reused)
+      epsilon_low=0.2, epsilon_high=0.28,  # ε_low, ε_high (DAPO clip-higher)
+      beta=0.0,  # β of the k3 KL to the reference; 0 keeps no reference model
+      scale_rewards='group',  # 'group' | 'batch' | 'none' (Dr. GRPO)
+      loss_agg='token_mean',  # DAPO; or 'seq_mean_token_mean' (GRPO), 'seq_mean_token_sum_norm'
+      temperature=1.0, max_new_tokens=max_new_tokens))
+  stage.sampling = ConfigDict(dict(top_k=0, top_p=1.0))
+  stage.max_sampling_rounds = 3  # dynamic sampling: extra rollouts to replace zero-variance groups
+  stage.dynamic_sampling = True
+  # Keep prompts solved in [low, high] of k samples (the report: 10%..90% of 16).
+  stage.filter = ConfigDict(dict(enabled=True, k=filter_k, low=0.1, high=0.9,
+                                 num_candidates=filter_candidates, batch_prompts=16,
+                                 functions=('stem', 'code', 'agent')))
+  stage.rewards = ConfigDict(dict(functions=ConfigDict(rewards), timeout_s=10.0,
+                                  max_new_tokens=max_new_tokens,
+                                  overlong_buffer=max(max_new_tokens // 4, 1)))
   return stage

@@ -9,6 +9,8 @@ Stages:
                   with a difficulty curriculum over the reasoning levels
   distill         teacher -> student (< 1/4 of the teacher's parameters): logit KL,
                   hidden-state MSE and the preference level (DPD, report §3.3)
+  rl_stem         GRPO on the student, verifiable math rewards (report §4)
+  rl_code         GRPO on the student, unit tests in the sandbox
 Every stage is evaluated on the same held-out suite (the union of the
 stages' eval splits). Expected on CPU (2 cores, ~6 min): math accuracy rises
 from 0 after each SFT stage; agent call accuracy rises in overall SFT.
@@ -64,7 +66,13 @@ def get_config(arg: str | None = None):
       'code': source('code_tasks', weight=0.2, train_size=n_train, eval_size=n_eval,
                      levels=(0, 1, 2)),
   }
+  distill_data_stem = {'reasoning': distill_data['reasoning']}
+  code_prompts = {'code': distill_data['code']}
   max_new = 16 if tiny else 128
+  rl_steps = 2 if tiny else 60
+  filter_k, filter_candidates = (4, 8) if tiny else (16, 256)
+  rl_shape = dict(prompts_per_step=2, group_size=4, seq_len=128) if tiny else dict(
+      prompts_per_step=8, group_size=8, seq_len=384)
   config.stages = [
       common.sft_stage('cold_start_sft', model='teacher', steps=steps, batch_size=batch,
                        seq_len=seq_len, sources=cold_start, lr=3e-3,
@@ -76,5 +84,16 @@ def get_config(arg: str | None = None):
                            batch_size=batch, seq_len=seq_len, sources=distill_data,
                            num_pair_prompts=16 if tiny else 256,
                            curriculum=((0.0, 1), (0.3, 2)), eval_max_new_tokens=max_new),
+      common.grpo_stage('rl_stem', model='student', steps=rl_steps, sources=distill_data_stem,
+                        rewards={'stem': 1.0, 'format': 0.1, 'overlong': 0.1},
+                        max_new_tokens=max_new, filter_k=filter_k,
+                        filter_candidates=filter_candidates, **rl_shape),
+      common.grpo_stage('rl_code', model='student', steps=rl_steps, sources=code_prompts,
+                        rewards={'code': 1.0, 'format': 0.1, 'overlong': 0.1},
+                        max_new_tokens=max_new, filter_k=filter_k,
+                        filter_candidates=filter_candidates, **rl_shape),
   ]
+  if tiny:  # an untrained model solves nothing: keep every prompt
+    for stage in config.stages[3:]:
+      stage.filter.low = 0.0
   return common.lock(config)

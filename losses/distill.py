@@ -232,7 +232,8 @@ def hidden_state_loss(student_hidden: Sequence[jax.Array], teacher_hidden: Seque
                        f'student in [0, {n_s - 1}] and teacher in [0, {n_t - 1}] '
                        f'({n_s} student and {n_t} teacher hidden states)')
   shape_s, shape_t = tuple(student_hidden[0].shape), tuple(teacher_hidden[0].shape)
-  for name, hs, shape in (('student', student_hidden, shape_s), ('teacher', teacher_hidden, shape_t)):
+  for name, hs, shape in (('student', student_hidden, shape_s),
+                          ('teacher', teacher_hidden, shape_t)):
     for k, h in enumerate(hs):
       if h.ndim != 3 or tuple(h.shape) != shape:
         raise ValueError(f'{name} hidden state {k} has shape {h.shape}; all must be [B, T, D] '
@@ -347,7 +348,8 @@ def preference_distillation_loss(
   """The DPD preference level: token KL on y⁺ and y⁻ plus DPO against π_ref.
 
     loss = kl_weight · KL_τ(teacher ‖ student on y⁺ and y⁻ tokens)
-         + dpo_weight · -log σ(β[(log π(y⁺) - log π_ref(y⁺)) - (log π(y⁻) - log π_ref(y⁻))])
+         + dpo_weight · -log σ(β[(log π(y⁺) - log π_ref(y⁺))
+                                   - (log π(y⁻) - log π_ref(y⁻))])
 
   π is the student (its sequence log-probs come from the student logits at
   τ = 1), π_ref the frozen student from the start of the stage. The KL term is

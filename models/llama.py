@@ -159,10 +159,8 @@ class MLP(nnx.Module):
     dt = x_btd.dtype
     b, t, d = x_btd.shape
     x_md = x_btd.reshape(b * t, d)  # 2-D matmuls: see Attention.__call__
-    # One [D, 2F] matmul instead of two [D, F] ones: XLA:CPU would run the two
-    # concurrently, each on half the cores, at a lower rate than one big one.
-    w_gate_up = jnp.concatenate([self.w_gate_df[...], self.w_up_df[...]], axis=1)  # [D, 2F]
-    gate, up = jnp.split(x_md @ w_gate_up.astype(dt), 2, axis=1)  # [B*T, F] each
+    gate = x_md @ self.w_gate_df[...].astype(dt)  # [B*T, F]
+    up = x_md @ self.w_up_df[...].astype(dt)
     out_md = (jax.nn.silu(gate) * up) @ self.w_down_fd[...].astype(dt)
     return out_md.reshape(b, t, d)
 

@@ -257,7 +257,10 @@ def run(cfg, ctx: loop.StageContext) -> dict:
   state, history = loop.train_loop(
       ctx, state=state, step_fn=step_fn, data_iter=train_iter, total_steps=cfg.steps,
       checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every,
-      tokens_per_step=cfg.batch_size * cfg.seq_len, batch_sharding=batch_sharding)
+      tokens_per_step=cfg.batch_size * cfg.seq_len, batch_sharding=batch_sharding,
+      eval_fn=evaluate.periodic_eval_fn(student, ctx.tokenizer, ctx.eval_records, cfg.eval,
+                                        seed=ctx.seed),
+      eval_every=cfg.eval.eval_every)
   checkpoint.save_params(os.path.join(ctx.stage_dir, 'final'), state['params'])
   checkpoint.write_model_meta(ctx.stage_dir, ctx.tokenizer, student.config)
   metrics = evaluate.evaluate(student, state['params'], ctx.tokenizer, ctx.eval_records,

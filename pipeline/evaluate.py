@@ -137,3 +137,15 @@ def evaluate(spec: state_lib.ModelSpec, params, tokenizer, records: Sequence[dic
                                             batch_size=cfg.batch_size, max_len=cfg.max_chat_len)
   metrics['num_eval'] = len(records)
   return metrics
+
+
+def periodic_eval_fn(spec: state_lib.ModelSpec, tokenizer, records: Sequence[dict], cfg, *,
+                     seed: int = 0):
+  """state -> metrics on a fixed, evenly spaced subset of the held-out suite
+  (cfg.during_training records; chats excluded to keep it cheap)."""
+  pool = [r for r in records if r['task'] != 'chat']
+  n = cfg.during_training
+  if not n or not pool:
+    return None
+  subset = pool[::max(1, len(pool) // n)][:n]
+  return lambda state: evaluate(spec, state['params'], tokenizer, subset, cfg, seed=seed)

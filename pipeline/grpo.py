@@ -173,8 +173,11 @@ def build_batch(rollouts: list[Rollout], groups: list[tuple[int, int]], advantag
           ro.prompt_ids[j], sampling.completion_ids(ro.samples, j), seq_len))
       trunc.append(bool(ro.samples.truncated[j]))
     adv += list(a)
+  filler = sampling.prompt_completion_row(rollouts[0].prompt_ids[0], np.zeros(0, np.int32),
+                                         seq_len)
+  filler['mask'][:] = 0.0  # contributes nothing to the loss
   while len(rows) < num_groups * group_size:
-    rows.append({k: np.zeros_like(v) for k, v in rows[0].items()})
+    rows.append(filler)
     adv.append(0.0)
     trunc.append(False)
   batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
@@ -185,6 +188,19 @@ def build_batch(rollouts: list[Rollout], groups: list[tuple[int, int]], advantag
 
 # ------------------------------------------------------------------ stage ---
 
+def _preference_reward(cfg, ctx: loop.StageContext) -> dict:
+  """{'preference': the trained reward model's score} when the stage uses it."""
+  if 'preference' not in cfg.rewards.functions:
+    return {}
+  from pipeline import reward_model
+  if not ctx.reward_model_path:
+    raise ValueError(f"stage {cfg.name!r} uses the 'preference' reward but no reward_model "
+                     'stage ran before it (set reward_model= the name of that stage)')
+  scorer = reward_model.load_scorer(ctx.reward_model_path, ctx.models[ctx.reward_model_name],
+                                    ctx.tokenizer, ctx.mesh, ctx.rules)
+  return {'preference': reward_model.preference_reward(scorer)}
+
+
 def run(cfg, ctx: loop.StageContext) -> dict:
   """GRPO on cfg.model; returns {'steps', 'eval', 'history'}."""
   gcfg = GRPOConfig(**cfg.grpo.to_dict())
@@ -193,7 +209,8 @@ def run(cfg, ctx: loop.StageContext) -> dict:
     raise ValueError(f'stage {cfg.name!r}: GRPO starts from a trained policy; '
                      "init_from must be 'previous' after an earlier stage or a params folder")
   params = checkpoint.load_params(ctx.init_params_path, state_lib.abstract_params(spec))
-  reward_system = rewards.reward_system_from_config(cfg.rewards, ctx)
+  reward_system = rewards.default_reward_system(
+      cfg.rewards.to_dict(), extra_functions=_preference_reward(cfg, ctx))
   roller = Roller(spec, ctx.tokenizer, reward_system, gcfg, cfg.sampling.top_k,
                   cfg.sampling.top_p)
   correctness = tuple(cfg.filter.functions)

@@ -54,6 +54,8 @@ class StageContext:
   eval_records: list  # the run's held-out suite, the same for every stage
   init_params_path: str | None  # params to start from (previous stage or a path)
   teacher_params_path: str | None = None  # distillation: the teacher's params
+  reward_model_path: str | None = None  # GRPO's preference reward: the RM's final params
+  reward_model_name: str | None = None  # ... and its model (a key of models)
   is_logger: bool = True  # process 0 writes logs and summaries
 
 
@@ -92,11 +94,15 @@ class MetricsWriter:
 
 def train_loop(ctx: StageContext, *, state, step_fn: Callable, data_iter: Iterator,
                total_steps: int, checkpoint_every: int, log_every: int,
-               tokens_per_step: int, batch_sharding=None) -> tuple[Any, list[dict]]:
+               tokens_per_step: int, batch_sharding=None,
+               eval_fn: Callable[[Any], dict] | None = None,
+               eval_every: int = 0) -> tuple[Any, list[dict]]:
   """Runs `step_fn` from the latest checkpoint (or step 0) to total_steps.
 
   Batches from `data_iter` are placed on the mesh with `batch_sharding`; with
   None they go to step_fn as they are (GRPO's batches are prompt records).
+  eval_fn(state) -> metrics runs every `eval_every` steps (0 = never); its
+  rows join the history with an 'eval/' prefix (for accuracy-vs-steps plots).
   Returns the final state and the logged metric rows.
   """
   ckpt = StageCheckpointer(ctx.stage_dir, checkpoint_every)
@@ -130,6 +136,10 @@ def train_loop(ctx: StageContext, *, state, step_fn: Callable, data_iter: Iterat
                      row['tokens_per_s'], eta)
       writer.advance(steps_since)
       t_last, steps_since = now, 0
+    if eval_fn is not None and eval_every > 0 and done % eval_every == 0:
+      row = {f'eval/{k}': float(v) for k, v in eval_fn(state).items()}
+      writer.scalars(done, row, prefix='heldout')
+      history.append({'step': done, **row})
     ckpt.save(done, state, data_iter.get_state())
     if preemption_requested():
       ckpt.save(done, state, data_iter.get_state(), force=True)

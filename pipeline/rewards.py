@@ -51,6 +51,7 @@ import signal
 import struct
 import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 
 import math_verify
@@ -122,7 +123,7 @@ def final_answer(completion: str) -> str | None:
   tags = [(m.group(), m.start(), m.end()) for m in _ANSWER_TAG_RE.finditer(completion)]
   if tags:
     opening = [t[0] == '<answer>' for t in tags]
-    if opening != [i % 2 == 0 for i in range(len(tags))]:
+    if len(tags) % 2 or opening != [i % 2 == 0 for i in range(len(tags))]:
       return None  # nested, unclosed or stray tags
     answer = completion[tags[-2][2]:tags[-1][1]]
     if _BOXED in answer:
@@ -300,11 +301,25 @@ code_reward = make_code_reward()
 
 # ========================================================= agent, format ===
 
+def _score_calls(record: Mapping, completion: str) -> float:
+  try:
+    return agent.score_calls(dict(record), completion)
+  except RecursionError:
+    return 0.0  # JSON nested past the interpreter's limit is malformed output
+
+
+def _parse_tool_calls(text: str) -> list[dict] | None:
+  try:
+    return agent.parse_tool_calls(text)
+  except RecursionError:
+    return None
+
+
 def agent_reward(prompts: Sequence[str], completions: Sequence[str], *,
                  records: Sequence[Mapping], **unused) -> list[float | None]:
   """`agent.score_calls` (1/0) for 'agent' records; None for others."""
   del prompts, unused
-  return [agent.score_calls(dict(r), c) if r.get('task') == 'agent' else None
+  return [_score_calls(r, c) if r.get('task') == 'agent' else None
           for r, c in zip(records, completions, strict=True)]
 
 
@@ -348,7 +363,7 @@ def has_tool_call_format(completion: str) -> bool:
     pos = end + len('</tool_call>')
     while pos < len(text) and text[pos].isspace():
       pos += 1
-  parsed = agent.parse_tool_calls(text)
+  parsed = _parse_tool_calls(text)
   return calls > 0 and parsed is not None and len(parsed) == calls
 
 
@@ -458,6 +473,7 @@ def _describe(exc: BaseException) -> str:
 _FRAME = struct.Struct('<IBdH')
 _OK, _NONE, _EXCEPTION, _GARBAGE, _TIMEOUT = range(5)
 _KIND_NAMES = {_EXCEPTION: 'exception', _GARBAGE: 'garbage', _TIMEOUT: 'timeout'}
+_JUNK = 'wrote something other than result frames to its pipe'
 
 
 class _ItemTimeout(BaseException):
@@ -493,6 +509,10 @@ def _limit_memory(headroom_mb: int):
     resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
   except (OSError, ValueError, StopIteration):
     pass  # no /proc or the limit refused: the parent's deadline still holds
+  try:
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a segfault leaves no core file
+  except (OSError, ValueError):
+    pass
 
 
 def _child_main(fd: int, fn: RewardFn, items: Sequence[int], prompts, completions,
@@ -506,7 +526,8 @@ def _child_main(fd: int, fn: RewardFn, items: Sequence[int], prompts, completion
         signal.signal(sig, signal.SIG_DFL)
     except (OSError, ValueError, TypeError):
       pass
-  # The trainer's objects are never freed here: keep the collector off them.
+  # A collection would walk (and so copy on write) every object the trainer
+  # has, none of which can become garbage here.
   gc.freeze()
   _limit_memory(memory_mb)
   signal.signal(signal.SIGALRM, _raise_item_timeout)
@@ -588,6 +609,11 @@ class RewardSystem:
   batch is cut at `batch_timeout_s` (items left score 0). No child outlives
   a call. Items are split over `workers` children per function, and all
   isolated functions run while the in-process ones do.
+
+  An isolated function must not call JAX (the child is a fork of a
+  multithreaded process; see the note above `_child_main`) and should not
+  use SIGALRM (signal.alarm would cancel the per-item timer, leaving only the
+  parent's kill).
 
   Functions with isolate=False run in the trainer's process on the whole
   batch: for trusted code that already contains the untrusted part
@@ -686,7 +712,12 @@ class RewardSystem:
         self._fail(scores, name, i, 'crash', f'no pipe: {e}')
       return None
     try:
-      pid = os.fork()
+      with warnings.catch_warnings():
+        # JAX warns at every fork that its threads do not survive one; the
+        # child never calls JAX (see above), so the warning is noise here.
+        warnings.filterwarnings('ignore', message=r'os\.fork\(\) was called',
+                                category=RuntimeWarning)
+        pid = os.fork()
     except OSError as e:
       os.close(r)
       os.close(w)
@@ -708,8 +739,12 @@ class RewardSystem:
     os.set_blocking(r, False)
     return _Worker(name, list(items), pid, r)
 
-  def _run_isolated(self, workers: list[_Worker], batch_deadline: dict, all_scores, args):
-    """Collects frames until every worker is done, killing and restarting as needed."""
+  def _run_isolated(self, workers: list[_Worker], batch_deadline: dict, all_scores, args,
+                    finished: dict):
+    """Collects frames until every worker is done, killing and restarting as needed.
+
+    Sets finished[name] to the time the last child of function `name` ended.
+    """
     sel = selectors.DefaultSelector()
     live: dict[int, _Worker] = {}
 
@@ -719,21 +754,22 @@ class RewardSystem:
         live[w.fd] = w
         sel.register(w.fd, selectors.EVENT_READ, w)
 
-    def retire(w: _Worker, kind: str, reason: str | None = None, *, cut_all: bool = False):
-      """Ends `w`'s child; its current item fails; a new child takes the rest."""
+    def end(w: _Worker, kind: str, reason: str | None = None, *, cut_all: bool = False):
+      """Ends `w`'s child. The item it was on (every item left, with cut_all)
+      fails as `kind` (`reason`, or how the child ended); a new child takes
+      the rest."""
       sel.unregister(w.fd)
       del live[w.fd]
       os.close(w.fd)
       ended = _kill_and_reap(w.pid)
-      scores = all_scores[w.name]
-      if not w.pending:
-        return
       failed = w.pending if cut_all else w.pending[:1]
       for i in failed:
-        self._fail(scores, w.name, i, kind, reason or ended)
+        self._fail(all_scores[w.name], w.name, i, kind, reason or ended)
       rest = w.pending[len(failed):]
       if rest:
-        add(self._spawn(w.name, rest, scores, args))
+        add(self._spawn(w.name, rest, all_scores[w.name], args))
+      if not any(other.name == w.name for other in live.values()):
+        finished[w.name] = time.monotonic()
 
     def read_frames(w: _Worker) -> bool:
       """Handles the complete frames in w.buf; False on a frame out of protocol."""
@@ -782,25 +818,23 @@ class RewardSystem:
             continue
           state = drain(w)
           if state == 'junk':
-            retire(w, 'crash', 'wrote something other than result frames to its pipe')
+            end(w, 'crash', _JUNK)
           elif state == 'eof':
-            retire(w, 'crash')  # reason: how it exited
+            end(w, 'crash')  # reason: how it exited
         now = time.monotonic()
         for w in list(live.values()):
           if now >= batch_deadline[w.name]:
             state = drain(w)
             if state == 'junk':
-              retire(w, 'crash', 'wrote something other than result frames to its pipe')
+              end(w, 'crash', _JUNK)
             else:
-              retire(w, 'timeout', f'the batch limit of {self.batch_timeout_s:g} s',
-                     cut_all=True)
+              end(w, 'timeout', f'the batch limit of {self.batch_timeout_s:g} s', cut_all=True)
           elif now >= w.deadline:
-            retire(w, 'timeout', f'no result within {self.timeout_s + self.grace_s:g} s; killed')
+            end(w, 'timeout', f'no result within {self.timeout_s + self.grace_s:g} s; killed')
           elif _exited(w.pid):
             # Dead, but the pipe is not at EOF: a helper it started holds it.
             state = drain(w)
-            retire(w, 'crash', 'wrote something other than result frames to its pipe'
-                   if state == 'junk' else None)
+            end(w, 'crash', _JUNK if state == 'junk' else None)
     finally:
       for w in list(live.values()):
         sel.unregister(w.fd)
@@ -808,6 +842,7 @@ class RewardSystem:
         _kill_and_reap(w.pid)
         for i in w.pending:
           self._fail(all_scores[w.name], w.name, i, 'crash', 'the scoring call was interrupted')
+        finished[w.name] = time.monotonic()
       sel.close()
 
   # ---------------------------------------------------------------- call ---
@@ -868,9 +903,10 @@ class RewardSystem:
         os.close(w.fd)
         _kill_and_reap(w.pid)
       raise
-    self._run_isolated(workers, deadlines, scores, args)
+    finished = {}
+    self._run_isolated(workers, deadlines, scores, args, finished)
     for name in isolated:
-      scores[name].wall_s = time.monotonic() - started[name]
+      scores[name].wall_s = finished.get(name, time.monotonic()) - started[name]
 
     per_function = {name: s.values for name, s in scores.items()}
     total = np.zeros(n)

@@ -22,9 +22,9 @@ from jax.experimental import multihost_utils
 
 from data.tokenizer import Tokenizer, train_tokenizer
 from models.llama import ModelConfig
-from pipeline import distill, loop, sft, sharding, stage_data
+from pipeline import distill, grpo, loop, sft, sharding, stage_data
 
-STAGE_KINDS = {'sft': sft.run, 'distill': distill.run}
+STAGE_KINDS = {'sft': sft.run, 'distill': distill.run, 'grpo': grpo.run}
 
 
 def check_workdir(workdir: str) -> None:
@@ -42,6 +42,8 @@ def validate(config) -> None:
   names = [s.name for s in config.stages]
   if len(set(names)) != len(names):
     raise ValueError(f'config.stages names must be unique, got {names}')
+  if config.stop_after and config.stop_after not in names:
+    raise ValueError(f'config.stop_after={config.stop_after!r} is not a stage name {names}')
   for i, stage in enumerate(config.stages):
     if stage.kind not in STAGE_KINDS:
       raise ValueError(f'config.stages[{i}].kind={stage.kind!r} (stage {stage.name!r}) is '
@@ -146,6 +148,19 @@ def _teacher_params_path(config, index: int, workdir: str) -> str | None:
   return stage.teacher_from or _latest_params(config, index, stage.teacher, workdir)
 
 
+def _reward_model(config, index: int, workdir: str) -> dict:
+  """The reward model a GRPO stage scores with: an earlier stage, by name."""
+  name = config.stages[index].get('reward_model')
+  if not name:
+    return {}
+  earlier = {s.name: s for s in config.stages[:index]}
+  if name not in earlier:
+    raise ValueError(f'config.stages[{index}].reward_model={name!r} is not an earlier stage '
+                     f'({sorted(earlier)})')
+  return {'reward_model_path': os.path.join(workdir, name, 'final'),
+          'reward_model_name': earlier[name].model}
+
+
 def _write_eval_table(stage_dir: str, name: str, metrics: dict) -> None:
   rows = [f'| {k} | {v:.4f} |' if isinstance(v, float) else f'| {k} | {v} |'
           for k, v in metrics.items()]
@@ -180,7 +195,8 @@ def run_pipeline(config, workdir: str) -> dict:
         seed=config.seed + index, data_seed=config.seed, models=models,
         eval_records=eval_records,
         init_params_path=_init_params_path(config, index, workdir),
-        teacher_params_path=_teacher_params_path(config, index, workdir), is_logger=is_logger)
+        teacher_params_path=_teacher_params_path(config, index, workdir),
+        is_logger=is_logger, **_reward_model(config, index, workdir))
     entry['status'] = 'running'
     summary.save()
     t0 = time.perf_counter()
@@ -194,5 +210,10 @@ def run_pipeline(config, workdir: str) -> dict:
     summary.save()
     if is_logger:
       _write_eval_table(stage_dir, stage.name, result['eval'])
+      with open(os.path.join(stage_dir, 'history.json'), 'w') as f:
+        json.dump(result['history'], f)
     logging.info('stage %s done: %s', stage.name, result['eval'])
+    if stage.name == config.stop_after:
+      logging.info('stopping after %s (config.stop_after)', stage.name)
+      break
   return {'stages': summary.stages}

@@ -72,15 +72,18 @@ def test_rerun_skips_finished_stages(tiny_run):
   before = os.path.getmtime(os.path.join(tiny_run, 'overall_sft', 'final'))
   proc = cli(tiny_run)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert proc.stderr.count('done already, skipping') == 2
+  assert proc.stderr.count('done already, skipping') == len(default.get_config('tiny').stages)
   assert os.path.getmtime(os.path.join(tiny_run, 'overall_sft', 'final')) == before
 
 
 def test_override_by_index(tmp_path):
-  proc = cli(str(tmp_path), '--config.stages.0.steps=2', '--config.stages.1.steps=1')
+  proc = cli(str(tmp_path), '--config.stages.0.steps=2', '--config.stages.1.steps=1',
+             '--config.stop_after=overall_sft')
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(tmp_path / 'summary.json') as f:
-    assert [s['steps'] for s in json.load(f)['stages']] == [2, 1]
+    stages = json.load(f)['stages']
+  assert [s['steps'] for s in stages[:2]] == [2, 1]
+  assert all(s['status'] == 'pending' for s in stages[2:])
 
 
 def test_mistyped_key_names_it(tmp_path):
@@ -92,7 +95,7 @@ def test_mistyped_key_names_it(tmp_path):
 def test_unknown_stage_kind_lists_valid_ones(tmp_path):
   config = default.get_config('tiny')
   config.stages[1].kind = 'dpo'
-  with pytest.raises(ValueError, match=r"kind='dpo'.*valid kinds: \['sft'"):
+  with pytest.raises(ValueError, match=r"kind='dpo'.*valid kinds: \['distill', 'grpo', 'sft'"):
     runner.run_pipeline(config, str(tmp_path))
   assert not os.listdir(tmp_path)  # failed before writing anything
 
@@ -123,7 +126,7 @@ def test_checkpoint_shape_mismatch_names_the_parameter(tiny_run):
 
 def test_sigkill_mid_stage_then_resume_equals_uninterrupted(tmp_path):
   overrides = ['--config.stages.0.steps=40', '--config.stages.0.checkpoint_every=4',
-               '--config.stages.1.steps=2']
+               '--config.stages.1.steps=2', '--config.stop_after=overall_sft']
   reference = tmp_path / 'reference'
   assert cli(str(reference), *overrides).returncode == 0
 
@@ -150,7 +153,7 @@ def test_sigkill_mid_stage_then_resume_equals_uninterrupted(tmp_path):
 
 
 def test_sigterm_checkpoints_and_exits_zero(tmp_path):
-  proc = start_cli(str(tmp_path), '--config.stages.0.steps=400',
+  proc = start_cli(str(tmp_path), '--config.stages.0.steps=400', '--config.stop_after=cold_start_sft',
                    '--config.stages.0.checkpoint_every=1000', '--config.stages.0.log_every=1')
   deadline = time.time() + 180
   log = ''

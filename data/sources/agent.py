@@ -391,7 +391,7 @@ def parse_tool_calls(completion: str) -> list[dict] | None:
   for body in _TOOL_CALL_RE.findall(completion):
     try:
       call = json.loads(body)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # deeply nested junk is malformed too
       return None
     if (not isinstance(call, dict) or set(call) != {"name", "arguments"}
         or not isinstance(call["name"], str) or not isinstance(call["arguments"], dict)):
