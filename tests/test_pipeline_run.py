@@ -20,7 +20,7 @@ TINY = 'configs/default.py:tiny'
 ONE_DEVICE = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
 
-def cli(workdir, *overrides, timeout=240):
+def cli(workdir, *overrides, timeout=900):
   """Runs `python -m pipeline.main` like a user would; returns the process."""
   env = {**os.environ, 'PYTHONPATH': ROOT}
   return subprocess.run([sys.executable, '-m', 'pipeline.main', f'--config={TINY}',
