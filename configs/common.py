@@ -156,3 +156,21 @@ def grpo_stage(name: str, *, model: str, steps: int, sources: dict, rewards: dic
                                   max_new_tokens=max_new_tokens,
                                   overlong_buffer=max(max_new_tokens // 4, 1)))
   return stage
+
+
+def reward_model_stage(name: str, *, model: str, steps: int, batch_size: int, seq_len: int,
+                       sources: dict, lr: float = 1e-3, init_from: str = 'previous',
+                       min_rating_gap: float = 3.0, pairs_per_record: int = 1) -> ConfigDict:
+  """A Bradley-Terry reward model: `model`'s backbone plus a scalar head
+  (pipeline/reward_model.py). batch_size: preference pairs per step; seq_len:
+  tokens per side (longer sides keep their end). sources: kinds 'chat'
+  (chitchat ratings) and 'reasoning_gym' (reference vs a wrong answer).
+  pairs.min_rating_gap: Δ, the least rating difference (1..10) of two
+  conversations for a chat pair; pairs.per_record: partners per conversation.
+  """
+  stage = sft_stage(name, model=model, steps=steps, batch_size=batch_size, seq_len=seq_len,
+                    sources=sources, lr=lr, init_from=init_from)
+  stage.kind = 'reward_model'
+  stage.eval = ConfigDict(dict(batch_size=64))
+  stage.pairs = ConfigDict(dict(min_rating_gap=min_rating_gap, per_record=pairs_per_record))
+  return stage

@@ -11,6 +11,9 @@ Stages:
                   hidden-state MSE and the preference level (DPD, report §3.3)
   rl_stem         GRPO on the student, verifiable math rewards (report §4)
   rl_code         GRPO on the student, unit tests in the sandbox
+  reward_model    a Bradley-Terry reward model on the student's backbone (chitchat
+                  ratings; reference vs wrong answers)
+  rl_preference   GRPO on chat prompts with the reward model's score
 Every stage is evaluated on the same held-out suite (the union of the
 stages' eval splits). Expected on CPU (2 cores, ~6 min): math accuracy rises
 from 0 after each SFT stage; agent call accuracy rises in overall SFT.
@@ -68,17 +71,19 @@ def get_config(arg: str | None = None):
   }
   distill_data_stem = {'reasoning': distill_data['reasoning']}
   code_prompts = {'code': distill_data['code']}
-  max_new = 16 if tiny else 128
-  rl_steps = 2 if tiny else 60
-  filter_k, filter_candidates = (4, 8) if tiny else (16, 256)
+  chat_prompts = {'chat': overall['chat']}
+  rm_data = {'chat': overall['chat'], 'reasoning': distill_data['reasoning']}
+  max_new = 16 if tiny else 192  # level-2 traces run to ~220 tokens
+  rl_steps = 2 if tiny else 40
+  filter_k, filter_candidates = (4, 8) if tiny else (16, 64)
   rl_shape = dict(prompts_per_step=2, group_size=4, seq_len=128) if tiny else dict(
-      prompts_per_step=8, group_size=8, seq_len=384)
+      prompts_per_step=8, group_size=8, seq_len=320)
   config.stages = [
       common.sft_stage('cold_start_sft', model='teacher', steps=steps, batch_size=batch,
                        seq_len=seq_len, sources=cold_start, lr=3e-3,
                        curriculum=((0.0, 0), (0.4, 1)), eval_max_new_tokens=max_new),
       common.sft_stage('overall_sft', model='teacher', steps=steps, batch_size=batch,
-                       seq_len=seq_len * 2, sources=overall, lr=1e-3,
+                       seq_len=seq_len * 3 // 2, sources=overall, lr=1e-3,
                        curriculum=((0.0, 1), (0.3, 2)), eval_max_new_tokens=max_new),
       common.distill_stage('distill', model='student', teacher='teacher', steps=steps,
                            batch_size=batch, seq_len=seq_len, sources=distill_data,
@@ -92,8 +97,17 @@ def get_config(arg: str | None = None):
                         rewards={'code': 1.0, 'format': 0.1, 'overlong': 0.1},
                         max_new_tokens=max_new, filter_k=filter_k,
                         filter_candidates=filter_candidates, **rl_shape),
+      common.reward_model_stage('reward_model', model='student', steps=steps // 2,
+                                batch_size=batch, seq_len=seq_len // 2, sources=rm_data),
+      common.grpo_stage('rl_preference', model='student', steps=rl_steps // 2,
+                        sources=chat_prompts, rewards={'preference': 1.0},
+                        max_new_tokens=max_new // 3, reward_model='reward_model',
+                        **rl_shape),
   ]
+  # Preference is not verifiable: no pass-rate band to filter by.
+  config.stages[-1].filter.enabled = False
   if tiny:  # an untrained model solves nothing: keep every prompt
     for stage in config.stages[3:]:
-      stage.filter.low = 0.0
+      if 'filter' in stage:
+        stage.filter.low = 0.0
   return common.lock(config)

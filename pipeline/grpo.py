@@ -125,7 +125,8 @@ class Roller:
 
   def __call__(self, params, prompt_records: list[dict], rng, group_size: int) -> Rollout:
     records = [r for r in prompt_records for _ in range(group_size)]
-    prompt_ids = [render_prompt(stage_data.eval_input(r), self.tokenizer) for r in records]
+    prompt_ids = [render_prompt(stage_data.generation_prompt(r), self.tokenizer)
+                  for r in records]
     samples = sampling.generate(self.spec, params, prompt_ids, self.sampling, rng=rng,
                                 end_id=self.tokenizer.end_id, pad_id=self.tokenizer.pad_id,
                                 batch_size=len(records))
@@ -198,7 +199,8 @@ def _preference_reward(cfg, ctx: loop.StageContext) -> dict:
                      'stage ran before it (set reward_model= the name of that stage)')
   scorer = reward_model.load_scorer(ctx.reward_model_path, ctx.models[ctx.reward_model_name],
                                     ctx.tokenizer, ctx.mesh, ctx.rules)
-  return {'preference': reward_model.preference_reward(scorer)}
+  return {'preference': reward_model.preference_reward(
+      scorer, tasks=('chat',), prompt_of=stage_data.generation_prompt)}
 
 
 def run(cfg, ctx: loop.StageContext) -> dict:

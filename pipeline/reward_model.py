@@ -262,7 +262,12 @@ class PairIterator:
 
 
 def init_head(d_model: int, seed: int) -> dict:
-  """w ~ N(0, 1/D): r starts at O(1) on the unit-RMS normalised features."""
+  """w ~ N(0, 1/D): r starts at O(1) on the unit-RMS normalised features.
+
+  b is kept for the head's usual form, but BT only sees r⁺ - r⁻, where b
+  cancels: it gets no gradient and stays 0 (the offset is fixed afterwards by
+  standardising with held-out stats, see `preference_reward`).
+  """
   w = jax.random.normal(jax.random.key(seed), (d_model,), jnp.float32) * d_model ** -0.5
   return {'w': w, 'b': jnp.zeros((), jnp.float32)}
 
@@ -318,12 +323,20 @@ def jit_train_step(spec, tx, schedule, state_shardings, batch_sharding):
                  out_shardings=(state_shardings, None), donate_argnums=0)
 
 
-def jit_rewards(spec, mesh, rules):
-  """rewards(params, head, inputs, positions, last_index) -> [B], replicated."""
+def jit_rewards(spec, mesh, rules) -> Callable:
+  """(params, head, inputs, positions, last_index) -> [B] rewards, replicated.
+
+  Host rows (the same global rows on every process) are placed batch-sharded
+  first, then scored by `rewards` jitted with explicit shardings.
+  """
   bs, rep = sharding.batch_sharding(mesh, rules), sharding.replicated(mesh)
-  return jax.jit(functools.partial(rewards, spec=spec),
-                 in_shardings=(spec.param_shardings, {'w': rep, 'b': rep}, bs, bs, bs),
-                 out_shardings=rep)
+  fn = jax.jit(functools.partial(rewards, spec=spec),
+               in_shardings=(spec.param_shardings, {'w': rep, 'b': rep}, bs, bs, bs),
+               out_shardings=rep)
+
+  def call(params, head, inputs, positions, last_index):
+    return fn(params, head, *jax.device_put((inputs, positions, last_index), bs))
+  return call
 
 
 def _batch_ways(mesh) -> int:
@@ -346,7 +359,9 @@ def score_rows(reward_fn, params, head, row_arrays: dict, batch_size: int) -> np
 
 
 def pairwise_eval(reward_fn, params, head, pairs: Pairs, batch_size: int) -> dict:
-  """Held-out pairwise accuracy overall and per kind, BT loss, reward stats."""
+  """Held-out pairwise accuracy overall and per kind (a kind with no pairs
+  has a count of 0 and no accuracy key), BT loss, and r's mean and std over
+  both sides."""
   if not len(pairs):
     return {'eval_pairs': 0}
   side = lambda s: {k: pairs.arrays[f'{s}_{k}'] for k in ('inputs', 'positions', 'last_index')}
@@ -507,11 +522,12 @@ def load_scorer(path: str, model_config, tokenizer, mesh, rules, *, batch_size: 
 
 
 def preference_reward(scorer: Scorer, *, squash: str = 'tanh',
-                      tasks: Sequence[str] | None = None) -> Callable:
+                      tasks: Sequence[str] | None = None,
+                      prompt_of: Callable = stage_data.eval_input) -> Callable:
   """A reward function (pipeline.rewards signature) from a Scorer.
 
-  Each completion is scored after `stage_data.eval_input(record)` (the prompt
-  the policy was given), then standardised with the RM's held-out mean and std,
+  Each completion is scored after `prompt_of(record)` (default
+  `stage_data.eval_input`, the prompt GRPO's roller gives the policy), then standardised with the RM's held-out mean and std,
   z = (r - μ) / σ, which fixes BT's free offset and scale; squash='tanh' maps z
   into (-1, 1) so the term sits on the same scale as the 0/1 verifiers,
   squash='none' returns z. Records whose task is not in `tasks` (None: all)
@@ -527,7 +543,7 @@ def preference_reward(scorer: Scorer, *, squash: str = 'tanh',
     out: list[float | None] = [None] * len(completions)
     if not use:
       return out
-    r = scorer([stage_data.eval_input(records[i]) for i in use], [completions[i] for i in use])
+    r = scorer([prompt_of(records[i]) for i in use], [completions[i] for i in use])
     z = (r.astype(np.float64) - scorer.mean) / scorer.std
     for i, v in zip(use, np.tanh(z) if squash == 'tanh' else z):
       out[i] = float(v)

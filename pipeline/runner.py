@@ -22,9 +22,10 @@ from jax.experimental import multihost_utils
 
 from data.tokenizer import Tokenizer, train_tokenizer
 from models.llama import ModelConfig
-from pipeline import distill, grpo, loop, sft, sharding, stage_data
+from pipeline import distill, grpo, loop, reward_model, sft, sharding, stage_data
 
-STAGE_KINDS = {'sft': sft.run, 'distill': distill.run, 'grpo': grpo.run}
+STAGE_KINDS = {'sft': sft.run, 'distill': distill.run, 'reward_model': reward_model.run,
+               'grpo': grpo.run}
 
 
 def check_workdir(workdir: str) -> None:
@@ -122,9 +123,10 @@ class Summary:
 
 
 def _latest_params(config, index: int, model: str, workdir: str) -> str | None:
-  """Final params of the last stage before `index` that trained `model`."""
+  """Final params of the last stage before `index` that trained `model` as a
+  policy (a reward_model stage trains a copy with a head; it is skipped)."""
   for prev in reversed(config.stages[:index]):
-    if prev.model == model:
+    if prev.model == model and prev.kind != 'reward_model':
       return os.path.join(workdir, prev.name, 'final')
   return None
 

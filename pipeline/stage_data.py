@@ -63,6 +63,15 @@ def eval_input(record: dict) -> list[dict]:
   return record['messages']
 
 
+def generation_prompt(record: dict) -> list[dict]:
+  """The messages a policy answers: as eval_input, except that a chat ends
+  before its final assistant turn (the turn the policy writes)."""
+  if record['task'] == 'chat':
+    last = max(i for i, m in enumerate(record['messages']) if m['role'] == 'assistant')
+    return record['messages'][:last]
+  return eval_input(record)
+
+
 def check_no_leak(train: list[dict], eval_: list[dict]) -> None:
   """Raises if any evaluation input appears verbatim among the training records.
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import glob
 import hashlib
+import json
 import os
 import random
 import re
@@ -185,7 +186,15 @@ def make_records(
     conversations += _chitchat_conversations(max_messages, max_chars)
   if "chatterbot" in sources:
     conversations += _chatterbot_conversations(tuple(languages), max_messages, max_chars)
-  conversations = [c for c in conversations if _is_eval(c["split_key"]) == (split == "eval")]
+  # chitchat holds some conversations verbatim under two ids: keep the first,
+  # or the two copies could land in different splits.
+  seen, unique = set(), []
+  for c in conversations:
+    content = json.dumps(c["messages"], sort_keys=True)
+    if content not in seen:
+      seen.add(content)
+      unique.append(c)
+  conversations = [c for c in unique if _is_eval(c["split_key"]) == (split == "eval")]
   if size is None:
     size = len(conversations)
   if not 0 <= size <= len(conversations):

@@ -33,8 +33,11 @@ carries and borrows, e.g. for "83 - 49 - 43"
     83 - 49: 13-9=4, 8-4-1=3 = 34
     34 - 43 = -(43 - 34): 13-4=9, 4-3-1=0 = -9
 
-Without the columns (one line "a op b = c" per operation) the default teacher
-learnt the format but not the sums: a few percent held-out accuracy.
+In configs/math_probe.py (the default teacher, 500 steps, math at 50%) held-out
+level-0 accuracy is 0.68 on basic_arithmetic and 0.76 on chain_sum with these
+traces. With one line "a op b = c" per operation chain_sum (same questions)
+was at 0.08, and basic_arithmetic's former level 0 (with * and brackets) at
+0.06: the model learnt the format but not the sums.
 """
 
 from __future__ import annotations
