@@ -3,7 +3,9 @@
   python -m experiments.distill_ablation --workdir=runs/distill_ablation
   python -m experiments.distill_ablation --workdir=/tmp/abl --config=configs/default.py:tiny
 
-The teacher is trained once (the config's SFT stages, in `<workdir>/base`);
+The teacher is trained once (the config's SFT stages, in `<workdir>/base`; an
+existing `<workdir>/base` is resumed, so a finished default run's SFT stages
+can be copied there to skip retraining the teacher);
 each variant is a copy of that run whose distill stage is re-run with the
 levels switched by config overrides only, e.g.
 `--config.stages.2.loss.hidden_weight=0`. The runner skips the finished SFT
@@ -81,7 +83,7 @@ def main(argv):
   base = os.path.join(root, 'base')
   # The base run: SFT stages + the default distill stage (its levels as configured).
   _run(base, [f'--config.stages.{index}.eval.during_training=60',
-              f'--config.stages.{index}.eval.eval_every=50'])
+              f'--config.stages.{index}.eval.eval_every=50', f'--config.stop_after={name}'])
   rows = []
   for variant, ce, logit, hidden, pref in VARIANTS:
     workdir = os.path.join(root, variant)
@@ -89,7 +91,8 @@ def main(argv):
     s = f'--config.stages.{index}'
     _run(workdir, [f'{s}.loss.ce_weight={ce}', f'{s}.loss.logit_weight={logit}',
                    f'{s}.loss.hidden_weight={hidden}', f'{s}.loss.preference_weight={pref}',
-                   f'{s}.eval.during_training=60', f'{s}.eval.eval_every=50'])
+                   f'{s}.eval.during_training=60', f'{s}.eval.eval_every=50',
+                   f'--config.stop_after={name}'])
     with open(os.path.join(workdir, 'summary.json')) as f:
       stage = next(s for s in json.load(f)['stages'] if s['name'] == name)
     with open(os.path.join(workdir, name, 'history.json')) as f:

@@ -129,16 +129,16 @@ def write_model_meta(stage_dir: str, tokenizer, model_cfg) -> None:
                'model': dataclasses.asdict(model_cfg)}, f, indent=2)
 
 
-def check_same_tokenizer(teacher_params_path: str, tokenizer) -> None:
-  """Teacher and student must share a tokenizer: logits over different
-  vocabularies cannot be compared token by token."""
-  meta_path = os.path.join(os.path.dirname(os.path.abspath(teacher_params_path)), META_FILE)
+def check_same_tokenizer(params_path: str, tokenizer, what: str = 'teacher') -> None:
+  """Models that exchange logits or text token by token (a teacher and its
+  student, a policy and its reward model) must share a tokenizer."""
+  meta_path = os.path.join(os.path.dirname(os.path.abspath(params_path)), META_FILE)
   if not os.path.exists(meta_path):
-    raise ValueError(f'teacher params {teacher_params_path} have no {META_FILE} beside them; '
-                     'cannot check that teacher and student share a tokenizer')
+    raise ValueError(f'{what} params {params_path} have no {META_FILE} beside them; '
+                     'cannot check that both models share a tokenizer')
   with open(meta_path) as f:
     fingerprint = json.load(f)['tokenizer_fingerprint']
   if fingerprint != tokenizer.fingerprint():
-    raise ValueError(f'the teacher at {teacher_params_path} was trained with tokenizer '
-                     f'{fingerprint} but this run uses {tokenizer.fingerprint()}: teacher and '
-                     'student must share a tokenizer')
+    raise ValueError(f'the {what} at {params_path} was trained with tokenizer '
+                     f'{fingerprint} but this run uses {tokenizer.fingerprint()}: both models '
+                     'must share a tokenizer')

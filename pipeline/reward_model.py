@@ -497,15 +497,7 @@ def load_scorer(path: str, model_config, tokenizer, mesh, rules, *, batch_size: 
   """
   final = os.path.join(path, 'final') if os.path.isdir(os.path.join(path, 'final')) else path
   stage_dir = os.path.dirname(os.path.abspath(final))
-  meta_path = os.path.join(stage_dir, checkpoint.META_FILE)
-  if not os.path.exists(meta_path):
-    raise ValueError(f'reward model {final} has no {checkpoint.META_FILE} beside it; was it '
-                     'written by a reward_model stage?')
-  with open(meta_path) as f:
-    fingerprint = json.load(f)['tokenizer_fingerprint']
-  if fingerprint != tokenizer.fingerprint():
-    raise ValueError(f'the reward model at {final} was trained with tokenizer {fingerprint} '
-                     f'but this run uses {tokenizer.fingerprint()}; they must match')
+  checkpoint.check_same_tokenizer(final, tokenizer, what='reward model')
   info = {}
   if os.path.exists(os.path.join(stage_dir, INFO_FILE)):
     with open(os.path.join(stage_dir, INFO_FILE)) as f:
