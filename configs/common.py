@@ -70,6 +70,7 @@ def base(seed: int = 0, vocab_size: int = 1024) -> ConfigDict:
   config.models = ConfigDict()
   config.stages = []
   config.stop_after = ''  # a stage name: run the stages up to it only ('' = all)
+  config.eval_untrained = True  # score the first stage's model at init: the baseline row
   return config
 
 

@@ -3,7 +3,8 @@ unfinished one from its latest checkpoint.
 
 workdir/
   config.json           the resolved config of the run
-  summary.json          {"stages": [{"name", "kind", "status", "steps", "wall_s", "eval"}]}
+  summary.json          {"stages": [{"name", "kind", "status", "steps", "wall_s", "eval"}],
+                         "untrained": {"model", "eval"}}  (the baseline)
   tokenizer/            the sentencepiece model trained on the run's corpus
   <stage name>/         checkpoints/, final/, tensorboard/, eval.md
 """
@@ -22,7 +23,8 @@ from jax.experimental import multihost_utils
 
 from data.tokenizer import Tokenizer, train_tokenizer
 from models.llama import ModelConfig
-from pipeline import distill, grpo, loop, reward_model, sft, sharding, stage_data
+from pipeline import distill, evaluate, grpo, loop, reward_model, sft, sharding, stage_data
+from pipeline import state as state_lib
 
 STAGE_KINDS = {'sft': sft.run, 'distill': distill.run, 'reward_model': reward_model.run,
                'grpo': grpo.run}
@@ -102,10 +104,12 @@ class Summary:
   def __init__(self, workdir: str, config, write: bool):
     self.path = os.path.join(workdir, 'summary.json')
     self.write_enabled = write
-    old = {}
+    old, self.untrained = {}, None
     if os.path.exists(self.path):
       with open(self.path) as f:
-        old = {s['name']: s for s in json.load(f)['stages']}
+        saved = json.load(f)
+      old = {s['name']: s for s in saved['stages']}
+      self.untrained = saved.get('untrained')
     self.stages = [old.get(s.name) or {'name': s.name, 'kind': s.kind, 'status': 'pending',
                                        'steps': 0, 'wall_s': 0.0, 'eval': {}}
                    for s in config.stages]
@@ -118,7 +122,8 @@ class Summary:
       return
     tmp = self.path + '.tmp'
     with open(tmp, 'w') as f:
-      json.dump({'stages': self.stages}, f, indent=2)
+      extra = {'untrained': self.untrained} if self.untrained else {}
+      json.dump({'stages': self.stages, **extra}, f, indent=2)
     os.replace(tmp, self.path)
 
 
@@ -163,6 +168,19 @@ def _reward_model(config, index: int, workdir: str) -> dict:
           'reward_model_name': earlier[name].model}
 
 
+def _eval_untrained(config, models, mesh, rules, tokenizer, eval_records) -> dict:
+  """The held-out suite on the first stage's model at initialisation: the
+  baseline every stage's gains are read against."""
+  first = config.stages[0]
+  with jax.set_mesh(mesh):
+    spec = state_lib.model_spec(models[first.model], mesh, rules)
+    params = state_lib.init_params(spec, config.seed)
+    metrics = evaluate.evaluate(spec, params, tokenizer, eval_records, first.eval,
+                                seed=config.seed)
+  logging.info('untrained %s: %s', first.model, metrics)
+  return {'model': first.model, 'eval': metrics}
+
+
 def _write_eval_table(stage_dir: str, name: str, metrics: dict) -> None:
   rows = [f'| {k} | {v:.4f} |' if isinstance(v, float) else f'| {k} | {v} |'
           for k, v in metrics.items()]
@@ -185,6 +203,9 @@ def run_pipeline(config, workdir: str) -> dict:
   tokenizer = ensure_tokenizer(config, workdir, train_records)
   models = model_configs(config, tokenizer.vocab_size)
   summary = Summary(workdir, config, write=is_logger)
+  if config.eval_untrained and summary.untrained is None:
+    summary.untrained = _eval_untrained(config, models, mesh, rules, tokenizer, eval_records)
+    summary.save()
   for index, stage in enumerate(config.stages):
     entry = summary.entry(stage.name)
     if entry['status'] == 'done':

@@ -63,6 +63,8 @@ def test_outputs_of_a_run(tiny_run):
     assert os.listdir(os.path.join(stage_dir, 'tensorboard'))
     assert os.path.isdir(os.path.join(stage_dir, 'final'))
     assert os.path.exists(os.path.join(stage_dir, 'eval.md'))
+  assert set(summary['untrained']) == {'model', 'eval'}
+  assert 'accuracy' in summary['untrained']['eval']
   with open(os.path.join(tiny_run, 'config.json')) as f:
     assert json.load(f)['stages'][0]['name'] == 'cold_start_sft'
   assert os.path.exists(os.path.join(tiny_run, 'tokenizer', 'tokenizer.model'))
@@ -165,3 +167,19 @@ def test_sigterm_checkpoints_and_exits_zero(tmp_path):
   assert proc.returncode == 0, rest[-3000:]
   steps = [int(d) for d in os.listdir(tmp_path / 'cold_start_sft' / 'checkpoints') if d.isdigit()]
   assert steps and max(steps) < 400
+
+
+def test_generate_from_a_stage(tiny_run):
+  env = {**os.environ, 'PYTHONPATH': ROOT}
+  base = [sys.executable, '-m', 'pipeline.generate', f'--workdir={tiny_run}',
+          '--max_new_tokens=8']
+  one = subprocess.run(base + ['--stage=rl_stem', '--prompt=Calculate 1 + 2.'], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=300)
+  assert one.returncode == 0, one.stderr[-2000:]
+  interactive = subprocess.run(base + ['--stage=overall_sft'], input='hello\nhow are you\n\n',
+                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert interactive.returncode == 0, interactive.stderr[-2000:]
+  assert interactive.stdout.count('> ') == 3  # two turns, then the empty line ends it
+  wrong = subprocess.run(base + ['--stage=reward_model', '--prompt=x'], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+  assert wrong.returncode != 0 and 'is a reward model' in wrong.stderr
