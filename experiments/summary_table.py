@@ -1,0 +1,56 @@
+"""A run's summary.json as the README's markdown table.
+
+  python -m experiments.summary_table runs/default
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+COLUMNS = (
+    ('accuracy', 'math acc'), ('accuracy/basic_arithmetic', 'arith'),
+    ('accuracy/chain_sum', 'chain sum'), ('accuracy/gcd', 'gcd'),
+    ('pass@1/code_gen', 'code pass@1'), ('pass@1/humaneval', 'HumanEval'),
+    ('call_accuracy/agent', 'agent calls'), ('perplexity/chat', 'chat ppl'),
+)
+
+
+def table(summary: dict) -> str:
+  fmt = lambda v: '-' if v is None else (f'{v:.3f}' if v < 100 else f'{v:,.0f}')
+  head = '| stage | kind | ' + ' | '.join(c[1] for c in COLUMNS) + ' | wall s | notes |'
+  lines = [head, '|' + '---|' * (len(COLUMNS) + 4)]
+  rows = []
+  if summary.get('untrained'):
+    rows.append(('untrained', f"init ({summary['untrained']['model']})",
+                 summary['untrained']['eval'], 0.0))
+  for stage in summary['stages']:
+    if stage['status'] == 'done':
+      rows.append((stage['name'], stage['kind'], stage['eval'], stage['wall_s']))
+  for name, kind, ev, wall in rows:
+    notes = []
+    if 'size_ratio' in ev:
+      notes.append(f"student/teacher params {ev['size_ratio']:.2f}, "
+                   f"sampling {ev['speedup']:.1f}x faster")
+    if 'train_reward_first' in ev:
+      notes.append(f"train reward {ev['train_reward_first']:.2f} -> {ev['train_reward_last']:.2f}")
+    if 'pairwise_accuracy' in ev:
+      notes.append(f"held-out pairwise acc {ev['pairwise_accuracy']:.3f} "
+                   f"(verifiable {ev.get('pairwise_accuracy/verifiable', float('nan')):.3f}, "
+                   f"chat {ev.get('pairwise_accuracy/chat', float('nan')):.3f})")
+    if 'filter/kept' in ev:
+      notes.append(f"filter kept {ev['filter/kept']}/{ev['filter/candidates']}")
+    lines.append(f'| {name} | {kind} | ' + ' | '.join(fmt(ev.get(c)) for c, _ in COLUMNS) +
+                 f' | {wall:.0f} | {"; ".join(notes)} |')
+  return '\n'.join(lines) + '\n'
+
+
+def main() -> None:
+  workdir = sys.argv[1] if len(sys.argv) > 1 else 'runs/default'
+  with open(os.path.join(workdir, 'summary.json')) as f:
+    print(table(json.load(f)))
+
+
+if __name__ == '__main__':
+  main()
