@@ -58,7 +58,8 @@ def test_outputs_of_a_run(tiny_run):
   for stage in summary['stages']:
     assert set(stage) == {'name', 'kind', 'status', 'steps', 'wall_s', 'eval'}
     assert stage['status'] == 'done' and stage['steps'] > 0 and stage['wall_s'] > 0
-    assert 0.0 <= stage['eval']['accuracy'] <= 1.0
+    key = 'pairwise_accuracy' if stage['kind'] == 'reward_model' else 'accuracy'
+    assert 0.0 <= stage['eval'][key] <= 1.0
     stage_dir = os.path.join(tiny_run, stage['name'])
     assert os.listdir(os.path.join(stage_dir, 'tensorboard'))
     assert os.path.isdir(os.path.join(stage_dir, 'final'))
@@ -97,7 +98,8 @@ def test_mistyped_key_names_it(tmp_path):
 def test_unknown_stage_kind_lists_valid_ones(tmp_path):
   config = default.get_config('tiny')
   config.stages[1].kind = 'dpo'
-  with pytest.raises(ValueError, match=r"kind='dpo'.*valid kinds: \['distill', 'grpo', 'sft'"):
+  with pytest.raises(ValueError,
+                     match=r"kind='dpo'.*valid kinds: \['distill', 'grpo', 'reward_model', 'sft'"):
     runner.run_pipeline(config, str(tmp_path))
   assert not os.listdir(tmp_path)  # failed before writing anything
 
