@@ -83,9 +83,14 @@ def lock(config: ConfigDict) -> ConfigDict:
   return config
 
 
-def distill_loss(*, ce_weight: float = 0.0, logit_weight: float = 1.0,
-                 hidden_weight: float = 1.0, preference_weight: float = 0.5) -> ConfigDict:
+def distill_loss(*, ce_weight: float = 1.0, logit_weight: float = 1.0,
+                 hidden_weight: float = 0.1, preference_weight: float = 0.5) -> ConfigDict:
   """Dual Preference Distillation weights (Nanbeige4-3B report §3.3).
+
+  Defaults: the levels on top of cross-entropy on the data's responses. With
+  ce_weight=0 and hidden_weight=1 a 0.2M student from scratch reached 9% math
+  accuracy against the teacher's 43% in 500 steps (the hidden MSE, ~5x the
+  KL, dominated the loss).
 
   temperature: τ of the logit KL (the loss is scaled by τ²); direction:
   'forward' KL(p_T||p_S) | 'reverse' | 'jsd' with jsd_beta β (GKD); top_k: use
