@@ -90,7 +90,8 @@ def test_all_levels_sharded_equals_single_device(single):
 
 def test_levels_switch_off_by_weight(single):
   history, _ = run_steps((1, 1, 1), jax.devices()[:1],
-                         loss_config(logit_weight=1.0, hidden_weight=0.0, preference_weight=0.0))
+                         loss_config(ce_weight=0.0, logit_weight=1.0, hidden_weight=0.0,
+                                     preference_weight=0.0))
   assert set(history[0]) >= {'logit_kl', 'loss'}
   assert not {'hidden', 'preference', 'ce'} & set(history[0])
   np.testing.assert_allclose(history[0]['loss'], history[0]['logit_kl'], rtol=1e-6)
