@@ -29,15 +29,6 @@ class ModelSpec:
   param_shardings: Any
 
 
-def model_config_from(cfg) -> ModelConfig:
-  """ModelConfig from a config's `models.<name>` ConfigDict."""
-  fields = {f.name for f in dataclasses.fields(ModelConfig)}
-  unknown = set(cfg.keys()) - fields
-  if unknown:
-    raise ValueError(f'unknown model config keys {sorted(unknown)}; valid: {sorted(fields)}')
-  return ModelConfig(**cfg.to_dict())
-
-
 def model_spec(config: ModelConfig, mesh: Mesh, rules) -> ModelSpec:
   abstract = nnx.eval_shape(lambda: Transformer(config, nnx.Rngs(0)))
   graphdef, abs_state = nnx.split(abstract)
