@@ -50,6 +50,8 @@ def render_chat(
     and the assistant's `<|end|>`, False on role headers and other turns.
   """
   _validate(messages, record_id)
+  if not isinstance(tokenizer, Tokenizer):  # a checkpoint's own (data/hf_tokenizer.py)
+    return tokenizer.render_chat(messages, record_id=record_id)
   ids, mask = [], []
   for message in messages:
     content = tokenizer.encode(message["content"])
@@ -67,5 +69,8 @@ def render_prompt(messages: Sequence[dict], tokenizer: Tokenizer) -> np.ndarray:
   Returns:
     int32 [T] prompt ids.
   """
+  if not isinstance(tokenizer, Tokenizer):  # a checkpoint's own (data/hf_tokenizer.py)
+    _validate(messages, None)
+    return tokenizer.render_prompt(messages)
   ids, _ = render_chat(messages, tokenizer)
   return np.concatenate([ids, np.asarray([tokenizer.role_id("assistant")], np.int32)])
