@@ -4,7 +4,8 @@
   -> `accuracy/<task>`, and `accuracy` over all of them;
 - code (generated tasks, HumanEval): the extracted program run against the
   task's tests in the sandbox -> `pass@1/<task>`;
-- agent (BFCL): tool calls match an accepted answer -> `call_accuracy/agent`;
+- agent (BFCL, and generated tool-use tasks): tool calls match an accepted
+  answer -> `call_accuracy/agent`, `call_accuracy/tool_use`;
 - conversation: teacher-forced perplexity of the assistant turns -> `perplexity/chat`.
 """
 
@@ -26,6 +27,7 @@ from pipeline import state as state_lib
 from pipeline.stage_data import eval_input
 
 CODE_TASKS = ('code_gen', 'humaneval')
+AGENT_TASKS = ('agent', 'tool_use')  # records scored by agent.score_calls
 
 
 def generate_answers(spec: state_lib.ModelSpec, params, tokenizer, records: Sequence[dict],
@@ -60,7 +62,7 @@ def score_completions(records: Sequence[dict], completions: Sequence[str]) -> li
                                       [completions[i] for i in code_idx])):
     scores[i] = s
   for i, (record, completion) in enumerate(zip(records, completions)):
-    if record['task'] == 'agent':
+    if record['task'] in AGENT_TASKS:
       scores[i] = agent.score_calls(record, completion)
     elif record['task'] not in CODE_TASKS:
       scores[i] = reasoning_gym_math.score(record, completion)
@@ -70,8 +72,8 @@ def score_completions(records: Sequence[dict], completions: Sequence[str]) -> li
 def metric_name(task: str) -> str:
   if task in CODE_TASKS:
     return f'pass@1/{task}'
-  if task == 'agent':
-    return 'call_accuracy/agent'
+  if task in AGENT_TASKS:
+    return f'call_accuracy/{task}'
   return f'accuracy/{task}'
 
 
@@ -81,7 +83,7 @@ def summarize(records: Sequence[dict], scores: Sequence[float]) -> dict[str, flo
   for record, score in zip(records, scores):
     per_task[record['task']].append(score)
   metrics = {metric_name(t): float(np.mean(s)) for t, s in sorted(per_task.items())}
-  math = [s for t, v in per_task.items() if t not in CODE_TASKS + ('agent',) for s in v]
+  math = [s for t, v in per_task.items() if t not in CODE_TASKS + AGENT_TASKS for s in v]
   if math:
     metrics['accuracy'] = float(np.mean(math))
   return metrics

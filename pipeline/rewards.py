@@ -67,6 +67,8 @@ RewardFn = Callable[..., Sequence[float | None]]
 # pipeline.evaluate has the same tuple; it is not imported from there because
 # that module pulls in JAX, which the reward children must never touch.
 CODE_TASKS = ('code_gen', 'humaneval')
+# Tool-call records (BFCL traces, generated tool-use tasks); the same in evaluate.
+AGENT_TASKS = ('agent', 'tool_use')
 # A reward outside this range is a bug (a logit, a token count), not a reward.
 MAX_ABS_REWARD = 1e6
 FAILURE_KINDS = ('timeout', 'exception', 'crash', 'garbage')
@@ -317,9 +319,9 @@ def _parse_tool_calls(text: str) -> list[dict] | None:
 
 def agent_reward(prompts: Sequence[str], completions: Sequence[str], *,
                  records: Sequence[Mapping], **unused) -> list[float | None]:
-  """`agent.score_calls` (1/0) for 'agent' records; None for others."""
+  """`agent.score_calls` (1/0) for tool-call records (AGENT_TASKS); None for others."""
   del prompts, unused
-  return [_score_calls(r, c) if r.get('task') == 'agent' else None
+  return [_score_calls(r, c) if r.get('task') in AGENT_TASKS else None
           for r, c in zip(records, completions, strict=True)]
 
 
@@ -381,7 +383,7 @@ def format_reward(prompts: Sequence[str], completions: Sequence[str], *,
     task = record.get('task')
     if task == 'chat':
       out.append(None)
-    elif task == 'agent':
+    elif task in AGENT_TASKS:
       out.append(float(has_tool_call_format(completion)))
     else:
       out.append(float(has_answer_format(completion)))

@@ -21,7 +21,7 @@ from typing import Callable
 import jax
 import ml_collections
 
-from data.sources import agent, chat, code_tasks, humaneval, reasoning_gym_math
+from data.sources import agent, chat, code_tasks, humaneval, reasoning_gym_math, tool_tasks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +40,7 @@ SOURCE_KINDS = {
     'humaneval': SourceKind(humaneval.make_records),
     'chat': SourceKind(chat.make_records),
     'agent': SourceKind(agent.make_records),
+    'tool_use': SourceKind(tool_tasks.make_records),
 }
 
 
