@@ -55,7 +55,11 @@ def sft_stage(name: str, *, model: str, steps: int, batch_size: int, seq_len: in
       name=name, kind='sft', model=model, init_from=init_from,
       steps=steps, batch_size=batch_size, seq_len=seq_len, grad_accum=1,
       optim=optim(lr=lr, warmup_steps=max(steps // 20, 1)),
-      data=ConfigDict(dict(sources=ConfigDict(sources), curriculum=tuple(curriculum))),
+      # shards: the global batch is this many equal slices, each read from its
+      # own shard of the records (0 = one per process). Fix it to get the same
+      # batches whatever the number of processes that load them.
+      data=ConfigDict(dict(sources=ConfigDict(sources), curriculum=tuple(curriculum),
+                           shards=0)),
       # during_training: held-out records scored every eval_every steps (0 = off).
       eval=ConfigDict(dict(max_new_tokens=eval_max_new_tokens, batch_size=64,
                            max_chat_len=256, during_training=0, eval_every=0)),
@@ -121,6 +125,10 @@ def distill_stage(name: str, *, model: str, teacher: str, steps: int, batch_size
   # Preference pairs: y⁺ sampled from the teacher, y⁻ from the student.
   stage.pairs = ConfigDict(dict(num_prompts=num_pair_prompts, max_new_tokens=eval_max_new_tokens,
                                 temperature=1.0, seq_len=seq_len, per_step=8))
+  # GKD's λ: the fraction of steps that train on the student's own samples,
+  # scored by the teacher (0 = off, the default: supervised distillation).
+  stage.on_policy = ConfigDict(dict(fraction=0.0, max_new_tokens=eval_max_new_tokens,
+                                    temperature=1.0))
   return stage
 
 

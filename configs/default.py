@@ -106,7 +106,9 @@ def get_config(arg: str | None = None):
   ]
   # Preference is not verifiable: no pass-rate band to filter by.
   config.stages[-1].filter.enabled = False
-  if tiny:  # an untrained model solves nothing: keep every prompt
+  if tiny:
+    config.stages[2].on_policy.fraction = 0.5  # exercise GKD's on-policy steps too
+    # An untrained model solves nothing: keep every prompt.
     for stage in config.stages[3:]:
       if 'filter' in stage:
         stage.filter.low = 0.0

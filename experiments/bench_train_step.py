@@ -50,6 +50,10 @@ _PEAK = flags.DEFINE_bool('peak', True, 'Measure the matmul peak (else skip MFU)
 _PEAK_GFLOPS = flags.DEFINE_float(
     'peak_gflops', None, 'Use this float32 peak for MFU instead of the measured one '
     '(on a busy host the measured peak is itself slowed down).')
+_DISTILL = flags.DEFINE_bool(
+    'distill', True, 'Also time the distillation step against its parts (the default '
+    "config's teacher and student): the student's plain SFT step, the teacher's forward "
+    'pass, and the distill step with and without the preference level.')
 _HUGEPAGES = flags.DEFINE_bool(
     'malloc_hugepages', True,
     'Re-run this process with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (see the module '
@@ -210,6 +214,108 @@ def bench_size(name: str, fields: dict, batch: int, seq: int, steps: int) -> dic
           'compile_s': compile_s, 'loss': float(metrics['loss'])}
 
 
+def bench_distill(batch: int, seq: int, steps: int, pairs_per_step: int = 8) -> list[dict]:
+  """tokens/s of the distillation step next to what it is made of.
+
+  Rows (the default config's models, random weights, a 1-device mesh):
+  the student's SFT step, the teacher's forward pass alone, the distill step
+  with CE + logit KL + hidden MSE, and the same plus the preference level
+  (pairs_per_step pairs of `seq` tokens, chosen and rejected). tokens/s counts
+  the main batch's batch x seq tokens only, so the rows compare directly.
+  """
+  import functools
+  import jax
+  import numpy as np
+  from ml_collections import ConfigDict
+  from configs import common, default
+  from losses.distill import uniform_layer_map
+  from models.llama import ModelConfig
+  from pipeline import distill, sharding, sft
+  from pipeline import state as state_lib
+  from pipeline.optim import make_optimizer
+
+  models = default.get_config().models
+  mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  rules = common.DEFAULT_RULES
+  specs = {name: state_lib.model_spec(ModelConfig(vocab_size=VOCAB, **models[name].to_dict()),
+                                      mesh, rules) for name in ('student', 'teacher')}
+  params = {name: state_lib.init_params(spec, seed=0) for name, spec in specs.items()}
+  tx, schedule = make_optimizer(ConfigDict(common.optim(lr=1e-3, warmup_steps=2)), 1000)
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  rng = np.random.default_rng(0)
+  batch_size = batch
+  batch = sharding.shard_batch(random_batch(rng, batch_size, seq, VOCAB), batch_sharding)
+
+  def pairs(count):
+    rows = {}
+    for side in ('chosen', 'rejected'):
+      b = random_batch(rng, count, seq, VOCAB)
+      rows.update({f'{side}_{k}': b[k] for k in ('inputs', 'targets', 'positions')})
+      rows[f'{side}_mask'] = b['loss_mask']
+      rows[f'ref_{side}'] = np.full((count,), -50.0, np.float32)
+    return sharding.shard_batch(rows, batch_sharding)
+
+  student, teacher = specs['student'], specs['teacher']
+  fresh_student = lambda: jax.tree.map(lambda x: x.copy(), params['student'])  # steps donate
+  rows = []
+
+  def add(name, fn, spec):
+    out = fn()
+    jax.block_until_ready(out)
+    t = timed(lambda: jax.block_until_ready(fn()), steps)
+    rows.append({'row': name, 'params': spec.config.num_params(), 'batch': batch_size,
+                 'seq': seq, 'step_ms': 1e3 * t['best_s'], 'cpu_ms': 1e3 * t['cpu_s'],
+                 'clean_steps': f"{t['clean']}/{t['calls']}",
+                 'tokens_per_s': batch_size * seq / t['best_s']})
+    print(f"{name}: {rows[-1]['step_ms']:.1f} ms", flush=True)
+
+  state, shardings = state_lib.init_train_state(student, fresh_student(), tx, mesh, 0)
+  sft_step = sft.jit_train_step(student, tx, schedule, 1, shardings, batch_sharding)
+  holder = {'state': state}
+
+  def run_sft():
+    holder['state'], metrics = sft_step(holder['state'], batch)
+    return metrics
+  add('student SFT step', run_sft, student)
+
+  forward = jax.jit(lambda p, b: state_lib.merge(teacher, p)(
+      b['inputs'], b['positions'], b['segment_ids']).logits)
+  add('teacher forward', lambda: forward(params['teacher'], batch), teacher)
+
+  for name, pref_weight in (('distill step: CE + logit + hidden', 0.0),
+                            (f'distill step: + preference ({pairs_per_step} pairs)', 0.5)):
+    loss_cfg = distill.LossConfig(
+        ce_weight=1.0, logit_weight=1.0, hidden_weight=0.1, preference_weight=pref_weight,
+        temperature=1.0, direction='forward', jsd_beta=0.5, top_k=0, hidden_kind='mse',
+        layer_map=uniform_layer_map(student.config.num_layers, teacher.config.num_layers), dpo_beta=0.1,
+        pref_kl_weight=1.0)
+    projection = np.tile(np.eye(student.config.d_model, teacher.config.d_model, dtype=np.float32),
+                         (len(loss_cfg.layer_map), 1, 1))
+    state, shardings = state_lib.init_train_state(student, fresh_student(), tx, mesh, 0,
+                                                  extras={'projection': projection})
+    step = jax.jit(functools.partial(distill.train_step, student=student, teacher=teacher,
+                                     tx=tx, schedule=schedule, loss_cfg=loss_cfg),
+                   donate_argnums=0)
+    step_pairs = pairs(pairs_per_step if pref_weight else 1)
+    holder['state'] = state
+
+    def run_distill():
+      holder['state'], metrics = step(holder['state'], params['teacher'], batch, step_pairs)
+      return metrics
+    add(name, run_distill, student)
+  return rows
+
+
+def format_distill_table(rows: list[dict]) -> str:
+  lines = ['| row | params | batch x seq | step ms | tokens/s | CPU ms | clean steps |',
+           '|---|---|---|---|---|---|---|']
+  for r in rows:
+    lines.append(f"| {r['row']} | {r['params'] / 1e6:.2f}M | {r['batch']} x {r['seq']} "
+                 f"| {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {r['cpu_ms']:.0f} "
+                 f"| {r['clean_steps']} |")
+  return '\n'.join(lines)
+
+
 def format_table(rows: list[dict], peak: float | None) -> str:
   lines = ['| model | params | batch x seq | step ms | tokens/s | GFLOP/s | MFU '
            '| CPU ms | MFU per CPU-s | clean steps |',
@@ -278,6 +384,11 @@ def main(argv):
           f"(compile {row['compile_s']:.1f} s)", flush=True)
   table = format_table(rows, peak)
   print(table)
+  if _DISTILL.value:
+    batch, seq = (4, 64) if _QUICK.value else (16, 256)
+    result['distill_rows'] = bench_distill(batch, seq, 2 if _QUICK.value else 6)
+    result['distill_table'] = format_distill_table(result['distill_rows'])
+    print(result['distill_table'])
   result.update(peak_gflops_used=peak, rows=rows, table=table, xla_flags=os.environ.get('XLA_FLAGS', ''),
                 glibc_tunables=os.environ.get('GLIBC_TUNABLES', ''),
                 flops_formula='6*N_matmul + 12*L*T*D per token, full T (not causal T/2)')

@@ -10,6 +10,13 @@ Three levels, each with its own weight so ablations switch them off
 plus an optional cross-entropy on the data's own responses (`ce_weight`; the
 "student SFT alone" baseline is ce_weight=1 and every other weight 0).
 
+On-policy mode (GKD, Agarwal et al. 2024): with probability λ =
+`on_policy.fraction` a step trains on completions the current student samples
+for the stage's prompts instead of the data batch; the teacher scores them
+token by token (logit and hidden levels; no CE, the samples are not labels).
+Which steps are on-policy and which prompts they use are functions of the
+step, so a resumed run replays them.
+
 The teacher's params are a separate, non-donated argument of the train step:
 sharded on the same mesh, never differentiated, never updated.
 """
@@ -178,6 +185,60 @@ def train_step(state, teacher_params, batch, pairs, *, student, teacher, tx, sch
   return new_state, metrics
 
 
+# ------------------------------------------------------------- on-policy ---
+
+@dataclasses.dataclass
+class OnPolicy:
+  """GKD's student-generated batches: a step is on-policy with probability
+  `fraction`, decided (like the prompts it samples) by (seed, step) alone."""
+  prompts: list[np.ndarray]
+  fraction: float
+  sample_cfg: sampling.SamplingConfig
+  batch_size: int
+  seq_len: int
+  seed: int
+  end_id: int
+  pad_id: int
+
+  def _rng(self, step: int) -> np.random.Generator:
+    return np.random.default_rng([self.seed, step])
+
+  def chosen(self, step: int) -> bool:
+    return self._rng(step).random() < self.fraction
+
+  def batch(self, spec, params, step: int) -> dict[str, np.ndarray]:
+    """batch_size rows of prompt + the student's sampled completion, the loss
+    mask on the completion; the same keys as a data batch."""
+    idx = self._rng(step).choice(len(self.prompts), self.batch_size)
+    prompts = [self.prompts[i] for i in idx]
+    samples = sampling.generate(spec, params, prompts, self.sample_cfg,
+                                rng=jax.random.fold_in(jax.random.key(self.seed), step),
+                                end_id=self.end_id, pad_id=self.pad_id)
+    rows = [sampling.prompt_completion_row(p, sampling.completion_ids(samples, i), self.seq_len)
+            for i, p in enumerate(prompts)]
+    batch = {k: np.stack([r[k] for r in rows]) for k in ('inputs', 'targets', 'positions')}
+    batch['loss_mask'] = np.stack([r['mask'] for r in rows])
+    lengths = np.array([min(len(p) + len(sampling.completion_ids(samples, i)) - 1, self.seq_len)
+                        for i, p in enumerate(prompts)])
+    batch['segment_ids'] = (np.arange(self.seq_len) < lengths[:, None]).astype(np.int32)
+    return batch
+
+
+def _on_policy(cfg, records, tokenizer, seed: int) -> OnPolicy | None:
+  if cfg.on_policy.fraction <= 0:
+    return None
+  if not 0 < cfg.on_policy.fraction <= 1:
+    raise ValueError(f'stage {cfg.name!r}: on_policy.fraction (GKD λ) must be in [0, 1], '
+                     f'got {cfg.on_policy.fraction}')
+  prompts = [render_prompt(stage_data.eval_input(r), tokenizer)
+             for r in records if r['task'] != 'chat']
+  return OnPolicy(prompts=prompts, fraction=cfg.on_policy.fraction,
+                  sample_cfg=sampling.SamplingConfig(max_new_tokens=cfg.on_policy.max_new_tokens,
+                                                     temperature=cfg.on_policy.temperature),
+                  batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=seed,
+                  end_id=tokenizer.end_id, pad_id=tokenizer.pad_id)
+
+
 # ------------------------------------------------------------------ stage ---
 
 @dataclasses.dataclass(frozen=True)
@@ -251,7 +312,7 @@ def run(cfg, ctx: loop.StageContext) -> dict:
   def step_fn(state, batch):
     step_pairs = (pairs.take(int(state['step']), pair_count) if pairs is not None
                   else _empty_pairs(pair_count))
-    return jitted(state, teacher_params, batch, sharding.shard_batch(step_pairs, batch_sharding))
+    return jitted(state, teacher_params, batch, sharding.shard_global_batch(step_pairs, batch_sharding))
 
   train_iter = stage_data.train_iterator(data, ctx.tokenizer, cfg, seed=ctx.seed)
   state, history = loop.train_loop(

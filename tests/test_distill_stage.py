@@ -136,3 +136,32 @@ def test_tokenizer_mismatch_is_an_error(tmp_path):
   checkpoint.check_same_tokenizer(str(stage_dir / 'final'), FakeTokenizer('aaaa'))
   with pytest.raises(ValueError, match='must share a tokenizer'):
     checkpoint.check_same_tokenizer(str(stage_dir / 'final'), FakeTokenizer('bbbb'))
+
+
+def test_on_policy_batches_are_the_students_samples():
+  """GKD mode: rows are prompt + the student's own sample, the loss on the
+  sample only; which steps and prompts is a function of (seed, step)."""
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  student = state_lib.model_spec(STUDENT, mesh, RULES)
+  params = state_lib.init_params(student, 0)
+  prompts = [np.array([1, 5, 6, 7], np.int32), np.array([1, 9, 9], np.int32)]
+  on_policy = distill.OnPolicy(prompts=prompts, fraction=0.3,
+                               sample_cfg=distill.sampling.SamplingConfig(max_new_tokens=6),
+                               batch_size=4, seq_len=12, seed=3, end_id=2, pad_id=0)
+  chosen = [on_policy.chosen(s) for s in range(2000)]
+  assert 0.25 < np.mean(chosen) < 0.35
+  assert chosen == [on_policy.chosen(s) for s in range(2000)]
+
+  batch = on_policy.batch(student, params, step=5)
+  again = on_policy.batch(student, params, step=5)
+  for key in ('inputs', 'targets', 'positions', 'loss_mask', 'segment_ids'):
+    assert batch[key].shape == (4, 12)
+    np.testing.assert_array_equal(batch[key], again[key])
+  for row in range(4):
+    n = int(batch['segment_ids'][row].sum())
+    prompt_len = 4 if batch['inputs'][row, 1] == 5 else 3
+    # Targets are the inputs shifted by one; the loss covers the sample only.
+    np.testing.assert_array_equal(batch['inputs'][row, 1:n], batch['targets'][row, :n - 1])
+    assert batch['loss_mask'][row, :prompt_len - 1].sum() == 0
+    assert batch['loss_mask'][row, prompt_len - 1:n].all()
+    assert not batch['loss_mask'][row, n:].any()
