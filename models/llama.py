@@ -6,8 +6,16 @@ D model width, N query heads, K kv heads, G = N // K, H head dim, F mlp width,
 V vocab, L layers.
 
 Parameters carry logical axis names in their `axes` metadata ('embed', 'mlp',
-'heads', 'kv_heads', 'head_dim', 'vocab'); `pipeline/sharding.py` maps them to
-mesh axes with the config's rules table. The model never sees a mesh.
+'heads', 'kv_heads', 'head_dim', 'vocab', and 'layers' for scanned stacks);
+`pipeline/sharding.py` maps them to mesh axes with the config's rules table.
+The model never sees a mesh.
+
+With `scan_layers` the L blocks are one Block whose parameters carry a leading
+[L] axis, run by `jax.lax.scan`: one block is compiled instead of L (compile
+time and program size stop growing with depth). The blocks are initialised
+exactly as the unscanned ones and stacked, so the same seed gives the same
+weights either way; the two parameter trees differ ('blocks/3/attn/wq_dnh'
+vs 'blocks/attn/wq_dnh' [L, ...]), so their checkpoints are not interchangeable.
 """
 
 from __future__ import annotations
@@ -181,6 +189,12 @@ class Block(nnx.Module):
     return x_btd, new_kv
 
 
+REMAT_POLICIES = {
+    'nothing': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Shape and numerics of the LM. Hashable, so it can be a static jit arg."""
@@ -198,6 +212,11 @@ class ModelConfig:
   tie_embeddings: bool = True
   dtype: str = 'float32'  # compute dtype; parameters stay float32
   remat: bool = False  # recompute each block's activations in the backward pass
+  # What the backward pass keeps of a rematerialised block: 'nothing' (only its
+  # input; least memory) | 'dots' (matmul outputs without a batch dim, as in
+  # jax.checkpoint_policies.dots_with_no_batch_dims_saveable; less recompute).
+  remat_policy: str = 'nothing'
+  scan_layers: bool = False  # one scanned Block with [L, ...] params (see module docstring)
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -207,6 +226,9 @@ class ModelConfig:
       raise ValueError(f'head_dim={self.head_dim} must be even for RoPE')
     if self.dtype not in ('float32', 'bfloat16'):
       raise ValueError(f"dtype={self.dtype!r}: expected 'float32' or 'bfloat16'")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f'remat_policy={self.remat_policy!r}: expected one of '
+                       f'{sorted(REMAT_POLICIES)}')
 
   @property
   def compute_dtype(self):
@@ -237,7 +259,8 @@ class Transformer(nnx.Module):
     self.cfg = cfg
     self.embed_vd = _param(rngs, (cfg.vocab_size, cfg.d_model), ('vocab', 'embed'),
                            nnx.initializers.normal(stddev=cfg.d_model ** -0.5))
-    self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+    blocks = [Block(cfg, rngs) for _ in range(cfg.num_layers)]
+    self.blocks = stack_blocks(blocks) if cfg.scan_layers else nnx.List(blocks)
     self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, rngs)
     if not cfg.tie_embeddings:
       self.unembed_dv = _param(rngs, (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'))
@@ -271,17 +294,22 @@ class Transformer(nnx.Module):
       query_slot = cache.index + jnp.arange(t)  # [T]
       causal = jnp.arange(s)[None, :] <= query_slot[:, None]  # [T, S]
       mask = (causal[None] & valid[:, None, :])[:, None]  # [B, 1, T, S]
-    hidden = [x]
-    new_k, new_v = [], []
-    for i, block in enumerate(self.blocks):
-      kv = None if cache is None else (cache.k[i], cache.v[i], cache.index)
-      if cfg.remat and cache is None:
-        x, layer_kv = nnx.remat(lambda blk, *a: blk(*a))(block, x, positions_bt, mask)
-      else:
-        x, layer_kv = block(x, positions_bt, mask, kv)
-      hidden.append(x)
-      new_k.append(layer_kv[0])
-      new_v.append(layer_kv[1])
+    if cfg.scan_layers:
+      x, hidden, new_k, new_v = self._scan_blocks(x, positions_bt, mask, cache, return_hidden)
+    else:
+      hidden = [x]
+      new_k, new_v = [], []
+      for i, block in enumerate(self.blocks):
+        kv = None if cache is None else (cache.k[i], cache.v[i], cache.index)
+        if cfg.remat and cache is None:
+          x, layer_kv = nnx.remat(lambda blk, *a: blk(*a),
+                                  policy=REMAT_POLICIES[cfg.remat_policy])(
+                                      block, x, positions_bt, mask)
+        else:
+          x, layer_kv = block(x, positions_bt, mask, kv)
+        hidden.append(x)
+        new_k.append(layer_kv[0])
+        new_v.append(layer_kv[1])
     x = self.final_norm(x)
     unembed = self.embed_vd[...].T if cfg.tie_embeddings else self.unembed_dv[...]
     b, t, d = x.shape
@@ -289,5 +317,42 @@ class Transformer(nnx.Module):
                      preferred_element_type=jnp.float32).reshape(b, t, -1)  # [B, T, V]
     new_cache = None
     if cache is not None:
-      new_cache = KVCache(jnp.stack(new_k), jnp.stack(new_v), valid, cache.index + t)
+      new_cache = KVCache(jnp.asarray(new_k), jnp.asarray(new_v), valid, cache.index + t)
     return Output(logits, tuple(hidden) if return_hidden else None, new_cache)
+
+  def _scan_blocks(self, x_btd, positions_bt, mask_b1ts, cache: KVCache | None,
+                   return_hidden: bool):
+    """The stacked blocks under lax.scan; returns what the unrolled loop does:
+    x, the L+1 hidden states (only x_btd unless return_hidden), and each
+    layer's keys and values ([L, B, S, K, H])."""
+    graphdef, stacked = nnx.split(self.blocks)  # stacked: [L, ...] per parameter
+
+    def body(x, layer):
+      params, kv = layer
+      x, (k, v) = nnx.merge(graphdef, params)(x, positions_bt, mask_b1ts, kv)
+      # The per-layer outputs are kept only when asked for: an [L, B, T, D]
+      # stack is as large as all the residuals the backward pass saves.
+      return x, (x if return_hidden else None, k, v)
+
+    if self.cfg.remat and cache is None:
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.cfg.remat_policy])
+    kv = None if cache is None else (cache.k, cache.v, jnp.broadcast_to(
+        cache.index, (self.cfg.num_layers,)))  # [L, B, S, K, H] each, index per layer
+    x_out, (hidden_lbtd, k, v) = jax.lax.scan(body, x_btd, (stacked, kv))
+    hidden = [x_btd]
+    if return_hidden:
+      hidden += [hidden_lbtd[i] for i in range(self.cfg.num_layers)]
+    return x_out, hidden, k, v
+
+
+def stack_blocks(blocks: list[Block]) -> Block:
+  """One Block whose parameters are the blocks' parameters stacked on a
+  leading 'layers' axis ([L, ...]), for `jax.lax.scan`."""
+  graphdef = nnx.split(blocks[0])[0]
+  states = [nnx.split(b)[1] for b in blocks]
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+  block = nnx.merge(graphdef, stacked)
+  for _, var in nnx.graph.iter_graph(block):
+    if isinstance(var, nnx.Variable) and var.has_metadata('axes'):
+      var.set_metadata(axes=('layers', *var.get_metadata()['axes']))
+  return block

@@ -7,6 +7,12 @@ Layout of a stage folder:
 Restores check every array's shape against the model first and refuse a
 mismatch with the first mismatching parameter's name, without touching the
 checkpoint.
+
+Multi-process runs write and restore collectively: every process calls save
+and restore, orbax writes each array's shards from the process that holds
+them (the folder must be on storage all hosts share). Data-iterator states
+differ per process (each loads its own share), so all of them are gathered
+into the one JSON item and each process restores its own.
 """
 
 from __future__ import annotations
@@ -17,7 +23,9 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 META_FILE = 'model_meta.json'
 
@@ -55,6 +63,30 @@ def check_shapes(saved_tree, target_tree, path: str) -> None:
     raise ValueError(f'checkpoint {path} has parameters the model lacks: {extra[:8]}')
 
 
+def gather_process_states(state: dict) -> list:
+  """Every process's JSON-serialisable `state`, in process order, on every process."""
+  if jax.process_count() == 1:
+    return [state]
+  data = np.frombuffer(json.dumps(state).encode(), np.uint8)
+  lengths = multihost_utils.process_allgather(np.int32(len(data)))  # [P]
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[:len(data)] = data
+  rows = multihost_utils.process_allgather(padded)  # [P, max length]
+  return [json.loads(bytes(row[:n]).decode()) for row, n in zip(rows, lengths)]
+
+
+def own_process_state(saved: dict, path: str) -> dict:
+  """This process's entry of a gathered data state (see `gather_process_states`)."""
+  if 'process_states' not in saved:  # written before states were gathered: one process
+    saved = {'process_states': [saved]}
+  states = saved['process_states']
+  if len(states) != jax.process_count():
+    raise ValueError(f'checkpoint {path} was written by {len(states)} processes but this run '
+                     f'has {jax.process_count()}; resume with the same number of processes '
+                     '(each process resumes its own share of the data)')
+  return states[jax.process_index()]
+
+
 def _abstract(tree):
   return jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
@@ -84,7 +116,9 @@ class StageCheckpointer:
     if self._manager.latest_step() == step:
       return False
     self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave({'process_states': gather_process_states(data_state)})),
+        force=True)
     return True
 
   def restore(self, step: int, like_state) -> tuple[Any, dict]:
@@ -94,7 +128,7 @@ class StageCheckpointer:
     check_shapes(saved, like_state, path)
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(_abstract(like_state)), data=ocp.args.JsonRestore()))
-    return restored['state'], restored['data']
+    return restored['state'], own_process_state(restored['data'], path)
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
@@ -123,10 +157,13 @@ def load_params(path: str, like_params):
 
 
 def write_model_meta(stage_dir: str, tokenizer, model_cfg) -> None:
-  """Next to final/: what a later stage must check before using the params."""
-  with open(os.path.join(stage_dir, META_FILE), 'w') as f:
-    json.dump({'tokenizer_fingerprint': tokenizer.fingerprint(),
-               'model': dataclasses.asdict(model_cfg)}, f, indent=2)
+  """Next to final/: what a later stage must check before using the params.
+  Written by process 0; the others wait until it exists."""
+  if jax.process_index() == 0:
+    with open(os.path.join(stage_dir, META_FILE), 'w') as f:
+      json.dump({'tokenizer_fingerprint': tokenizer.fingerprint(),
+                 'model': dataclasses.asdict(model_cfg)}, f, indent=2)
+  multihost_utils.sync_global_devices(f'model_meta {stage_dir}')
 
 
 def check_same_tokenizer(params_path: str, tokenizer, what: str = 'teacher') -> None:

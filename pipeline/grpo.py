@@ -282,7 +282,7 @@ def run(cfg, ctx: loop.StageContext) -> dict:
     t_gen_score = time.perf_counter() - t0
     batch = build_batch(rollouts, groups, advantages, num_groups=cfg.prompts_per_step,
                         group_size=g, seq_len=cfg.seq_len)
-    batch = sharding.shard_batch(batch, batch_sharding)
+    batch = sharding.shard_global_batch(batch, batch_sharding)  # the same on every process
     batch['old_logp'] = logp_fn(state['params'], batch)
     if ref_params is not None:
       batch['ref_logp'] = logp_fn(ref_params, batch)

@@ -123,7 +123,7 @@ def train_loop(ctx: StageContext, *, state, step_fn: Callable, data_iter: Iterat
     steps_since += 1
     done = step + 1
     if done % log_every == 0 or done == total_steps:
-      row = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      row = {k: float(v) for k, v in sharding.to_host(metrics).items()}
       now = time.perf_counter()
       row['tokens_per_s'] = tokens_per_step * steps_since / (now - t_last)
       row['step'] = done

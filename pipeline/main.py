@@ -2,6 +2,12 @@
 
   python -m pipeline.main --config=configs/default.py --workdir=runs/demo \
       --config.stages.0.steps=10
+
+Several processes (one per host, or per GPU), each with the same flags plus
+its id; see pipeline/distributed.py and the README ("Scaling past one device"):
+
+  python -m pipeline.main --config=... --workdir=shared/run \
+      --coordinator_address=host0:1234 --num_processes=2 --process_id=0
 """
 
 from __future__ import annotations
@@ -17,6 +23,18 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder of the run.', required=True)
+_DISTRIBUTED = flags.DEFINE_enum(
+    'distributed', 'auto', ['auto', 'on', 'off'],
+    "jax.distributed: 'auto' joins when a coordinator address is given or on a Cloud TPU VM; "
+    "'on' also lets jax detect other clusters (SLURM, MPI); 'off' runs one process.")
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'host:port of process 0 (or JAX_COORDINATOR_ADDRESS).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None,
+                                      'Processes in the run (or JAX_NUM_PROCESSES).')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None,
+                                   'This process, 0..num_processes-1 (or JAX_PROCESS_ID).')
+_DIST_TIMEOUT = flags.DEFINE_integer(
+    'distributed_timeout_s', 300, 'Seconds the processes wait for each other at start-up.')
 
 
 def index_overrides(argv: list[str]) -> list[str]:
@@ -43,7 +61,12 @@ def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_QuietLibraries())
   from pipeline import distributed, loop, runner
-  distributed.initialize()
+  distributed.initialize(distributed.Launch.from_env(
+      _DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+      _DIST_TIMEOUT.value))
+  import jax
+  if jax.process_index() != 0:  # process 0 logs; the others only warn
+    logging.set_verbosity(logging.WARNING)
   loop.install_sigterm_handler()
   try:
     runner.run_pipeline(_CONFIG.value, _WORKDIR.value)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models.llama import KVCache
+from pipeline import sharding
 from pipeline import state as state_lib
 
 
@@ -128,7 +129,7 @@ def generate(spec: state_lib.ModelSpec, params, prompts: Sequence[np.ndarray],
       prompt[i, p - len(ids):] = ids
       mask[i, p - len(ids):] = True
     rng, sub = jax.random.split(rng)
-    tokens, log_probs = jax.device_get(_generate(
+    tokens, log_probs = sharding.to_host(_generate(
         params, prompt, mask, sub, spec=spec, cfg=cfg, end_id=end_id, pad_id=pad_id))
     results.append((tokens[:real], log_probs[:real]))
   tokens = np.concatenate([r[0] for r in results])

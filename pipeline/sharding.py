@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
@@ -102,3 +103,24 @@ def shard_batch(batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dic
   """
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in batch.items()}
+
+
+def shard_global_batch(batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict:
+  """Places a batch that every process holds whole (GRPO rollouts, distillation
+  pairs: computed identically everywhere) onto the mesh; each process copies
+  only the rows its own devices hold."""
+  return {k: jax.make_array_from_callback(np.shape(v), sharding, lambda idx, v=v: np.asarray(v)[idx])
+          for k, v in batch.items()}
+
+
+def to_host(tree):
+  """numpy copies of a tree of arrays, whole on every process.
+
+  `jax.device_get` refuses an array whose shards live on other processes;
+  those are all-gathered first (a collective: every process must call this).
+  """
+  def get(x):
+    if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+      return multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x))
+  return jax.tree.map(get, tree)

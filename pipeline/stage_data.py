@@ -20,6 +20,7 @@ from typing import Callable
 
 import jax
 import ml_collections
+import numpy as np
 
 from data.sources import agent, chat, code_tasks, humaneval, reasoning_gym_math, tool_tasks
 
@@ -115,13 +116,60 @@ def _load(data_json: str, seed: int) -> StageData:
   return StageData(train, eval_)
 
 
+class ShardsIterator:
+  """Concatenates the batches of consecutive data shards along the rows.
+
+  A process hosting shards [i, j) yields rows [i, j) * B/S of every global
+  batch, so the global batch is the same whatever the number of processes.
+  """
+
+  def __init__(self, shards: list):
+    self.shards = shards
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batches = [next(s) for s in self.shards]
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+  def get_state(self) -> dict:
+    return {'shards': [s.get_state() for s in self.shards]}
+
+  def set_state(self, state: dict) -> None:
+    if len(state['shards']) != len(self.shards):
+      raise ValueError(f'data state holds {len(state["shards"])} shards, this process hosts '
+                       f'{len(self.shards)}')
+    for s, st in zip(self.shards, state['shards']):
+      s.set_state(st)
+
+
+def hosted_shards(num_shards: int, batch_size: int) -> range:
+  """The data shards this process loads: an equal, contiguous share of S."""
+  processes = jax.process_count()
+  num_shards = num_shards or processes
+  if num_shards % processes or batch_size % num_shards:
+    raise ValueError(f'data.shards={num_shards} must be a multiple of the {processes} '
+                     f'processes and divide batch_size={batch_size}')
+  per_process = num_shards // processes
+  return range(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
+
+
 def train_iterator(data: StageData, tokenizer, stage_cfg, *, seed: int):
   """This process's share of the stage's packed training batches: sources mixed
-  by their weights, difficulty levels unlocked by the stage's curriculum."""
+  by their weights, difficulty levels unlocked by the stage's curriculum.
+
+  The global batch is `data.shards` slices (S; 0 = one per process), slice k
+  packed from shard k of every source's records; this process loads only the
+  slices it hosts (`hosted_shards`).
+  """
   from data import mixture
   weights = {name: src.weight for name, src in stage_cfg.data.sources.items()}
-  return mixture.make_mixture_iterator(
+  num_shards = stage_cfg.data.shards or jax.process_count()
+  shards = [mixture.make_mixture_iterator(
       data.train, weights, tokenizer, seq_len=stage_cfg.seq_len,
-      batch_size=stage_cfg.batch_size // jax.process_count(), seed=seed,
+      batch_size=stage_cfg.batch_size // num_shards, seed=seed,
       total_steps=stage_cfg.steps, curriculum=tuple(map(tuple, stage_cfg.data.curriculum)),
-      shard_index=jax.process_index(), shard_count=jax.process_count())
+      shard_index=k, shard_count=num_shards)
+      for k in hosted_shards(num_shards, stage_cfg.batch_size)]
+  return shards[0] if len(shards) == 1 else ShardsIterator(shards)
