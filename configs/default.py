@@ -5,7 +5,8 @@
 
 Stages:
   cold_start_sft  teacher, math 50% / STEM 30% / code 20% (report §3.1)
-  overall_sft     teacher, reasoning 40% / conversation 30% / agent 20% / code 10%,
+  overall_sft     teacher, reasoning 40% / conversation 30% / agent 20% (BFCL and
+                  procedural tool use) / code 10%,
                   with a difficulty curriculum over the reasoning levels
   distill         teacher -> student (< 1/4 of the teacher's parameters): logit KL,
                   hidden-state MSE and the preference level (DPD, report §3.3)
@@ -57,7 +58,12 @@ def get_config(arg: str | None = None):
       'reasoning': source('reasoning_gym', weight=0.4, train_size=n_train, eval_size=n_eval,
                           task_names=MATH_TASKS + STEM_TASKS, levels=(0, 1, 2)),
       'chat': source('chat', weight=0.3, train_size=n_train, eval_size=n_eval),
-      'agent': source('agent', weight=0.2, train_size=min(n_train, 470), eval_size=n_eval),
+      # Agent 20%: BFCL traces (long, diverse schemas; too few for a 1M model
+      # to learn to copy names and arguments) and procedural tool-use traces
+      # with real back ends (short, regular: where the copying is learned).
+      'agent': source('agent', weight=0.05, train_size=min(n_train, 470), eval_size=n_eval),
+      'tool_use': source('tool_use', weight=0.15, train_size=n_train, eval_size=n_eval,
+                         levels=(0, 1, 2)),
       'code': source('code_tasks', weight=0.07, train_size=n_train, eval_size=n_eval,
                      levels=(0, 1, 2)),
       'humaneval': source('humaneval', weight=0.03, train_size=124 if not tiny else 8,

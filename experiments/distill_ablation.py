@@ -1,11 +1,13 @@
 """Ablation over the distillation levels, same seed, data and step budget.
 
   python -m experiments.distill_ablation --workdir=runs/distill_ablation
+  python -m experiments.distill_ablation --workdir=runs/distill_ablation --steps=300 \
+      --base=runs/default   # reuse a finished default run's teacher
   python -m experiments.distill_ablation --workdir=/tmp/abl --config=configs/default.py:tiny
 
-The teacher is trained once (the config's SFT stages, in `<workdir>/base`; an
-existing `<workdir>/base` is resumed, so a finished default run's SFT stages
-can be copied there to skip retraining the teacher);
+The teacher is trained once (the config's stages before distill, in
+`<workdir>/base`; an existing `<workdir>/base` is resumed, and --base copies a
+finished run's stages there instead of retraining the teacher);
 each variant is a copy of that run whose distill stage is re-run with the
 levels switched by config overrides only, e.g.
 `--config.stages.2.loss.hidden_weight=0`. The runner skips the finished SFT
@@ -29,9 +31,14 @@ from absl import app, flags
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/distill_ablation', 'Output folder.')
 _CONFIG = flags.DEFINE_string('config', 'configs/default.py', 'Pipeline config (with a distill stage).')
 _EXTRA = flags.DEFINE_multi_string('override', [], 'Extra --config.* overrides for every run.')
+_STEPS = flags.DEFINE_integer('steps', None, "Distill steps of every variant (the step "
+                              "budget); default: the config's.")
+_BASE = flags.DEFINE_string('base', None, 'A finished run of the same config whose stages '
+                            'before distill are copied into <workdir>/base (no retraining).')
 
 # (name, ce, logit, hidden, preference) weights.
 VARIANTS = (
+    ('pipeline_default', 1.0, 1.0, 0.1, 0.5),  # configs/common.distill_loss's defaults
     ('student_sft_only', 1.0, 0.0, 0.0, 0.0),
     ('logit_only', 0.0, 1.0, 0.0, 0.0),
     ('hidden_only', 0.0, 0.0, 1.0, 0.0),
@@ -42,17 +49,18 @@ VARIANTS = (
 COLUMNS = ('accuracy', 'pass@1/code_gen', 'call_accuracy/agent', 'perplexity/chat')
 
 
-def _distill_index(config_path: str) -> tuple[int, str]:
-  """Index and name of the config's distill stage."""
+def _distill_stage(config_path: str) -> tuple[int, list[str]]:
+  """Index of the config's distill stage, and the names of all stages."""
   path, _, arg = config_path.partition(':')
   spec = importlib.util.spec_from_file_location('cfg', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   stages = module.get_config(arg or None).stages
   kinds = [s.kind for s in stages]
-  if 'distill' not in kinds:
-    raise ValueError(f'{config_path} has no distill stage (stages: {kinds})')
-  return kinds.index('distill'), stages[kinds.index('distill')].name
+  if 'distill' not in kinds[1:]:
+    raise ValueError(f'{config_path} needs a distill stage after a teacher stage '
+                     f'(stages: {kinds})')
+  return kinds.index('distill'), [s.name for s in stages]
 
 
 def _run(workdir: str, overrides: list[str]) -> None:
@@ -62,15 +70,15 @@ def _run(workdir: str, overrides: list[str]) -> None:
   subprocess.run(cmd, check=True)
 
 
-def _copy_teacher_run(base: str, target: str, distill_name: str) -> None:
-  """A variant starts as the base run minus its distill stage."""
+def copy_teacher_run(base: str, target: str, dropped: list[str]) -> None:
+  """A variant starts as the base run without the distill stage and the ones after."""
   if os.path.exists(os.path.join(target, 'summary.json')):
     return  # resuming the ablation
-  shutil.copytree(base, target, ignore=shutil.ignore_patterns(distill_name))
+  shutil.copytree(base, target, ignore=shutil.ignore_patterns(*dropped))
   with open(os.path.join(target, 'summary.json')) as f:
     summary = json.load(f)
   for stage in summary['stages']:
-    if stage['name'] == distill_name:
+    if stage['name'] in dropped:
       stage.update(status='pending', steps=0, wall_s=0.0, eval={})
   with open(os.path.join(target, 'summary.json'), 'w') as f:
     json.dump(summary, f, indent=2)
@@ -78,21 +86,25 @@ def _copy_teacher_run(base: str, target: str, distill_name: str) -> None:
 
 def main(argv):
   del argv
-  index, name = _distill_index(_CONFIG.value)
+  index, names = _distill_stage(_CONFIG.value)
+  name, teacher_stage, dropped = names[index], names[index - 1], names[index:]
   root = _WORKDIR.value
   base = os.path.join(root, 'base')
-  # The base run: SFT stages + the default distill stage (its levels as configured).
-  _run(base, [f'--config.stages.{index}.eval.during_training=60',
-              f'--config.stages.{index}.eval.eval_every=50', f'--config.stop_after={name}'])
+  if _BASE.value:
+    copy_teacher_run(_BASE.value, base, dropped)
+  # The base run: the stages before distill (the teacher).
+  _run(base, [f'--config.stop_after={teacher_stage}'])
+  budget = [f'--config.stages.{index}.steps={_STEPS.value}'] if _STEPS.value else []
+  eval_every = max((_STEPS.value or 500) // 6, 1)
   rows = []
   for variant, ce, logit, hidden, pref in VARIANTS:
     workdir = os.path.join(root, variant)
-    _copy_teacher_run(base, workdir, name)
+    copy_teacher_run(base, workdir, dropped)
     s = f'--config.stages.{index}'
     _run(workdir, [f'{s}.loss.ce_weight={ce}', f'{s}.loss.logit_weight={logit}',
                    f'{s}.loss.hidden_weight={hidden}', f'{s}.loss.preference_weight={pref}',
-                   f'{s}.eval.during_training=60', f'{s}.eval.eval_every=50',
-                   f'--config.stop_after={name}'])
+                   f'{s}.eval.during_training=60', f'{s}.eval.eval_every={eval_every}',
+                   f'--config.stop_after={name}', *budget])
     with open(os.path.join(workdir, 'summary.json')) as f:
       stage = next(s for s in json.load(f)['stages'] if s['name'] == name)
     with open(os.path.join(workdir, name, 'history.json')) as f:
@@ -103,7 +115,7 @@ def main(argv):
                  'curve': [(h['step'], h['eval/accuracy']) for h in history
                            if 'eval/accuracy' in h]})
   with open(os.path.join(root, 'base', 'summary.json')) as f:
-    teacher_eval = [s for s in json.load(f)['stages'] if s['name'] != name][-1]['eval']
+    teacher_eval = next(s for s in json.load(f)['stages'] if s['name'] == teacher_stage)['eval']
   write_outputs(root, rows, teacher_eval)
 
 

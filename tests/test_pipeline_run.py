@@ -185,3 +185,31 @@ def test_generate_from_a_stage(tiny_run):
   wrong = subprocess.run(base + ['--stage=reward_model', '--prompt=x'], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
   assert wrong.returncode != 0 and 'is a reward model' in wrong.stderr
+
+
+def test_sigterm_in_distill_and_grpo_then_resume_equals_uninterrupted(tiny_run, tmp_path):
+  """Preempted mid-distill (GKD on-policy steps included) and mid-GRPO, the
+  resumed run ends with the very params of the uninterrupted one: rng, data
+  position, pairs, on-policy choices and filter state all resume."""
+  from experiments.distill_ablation import copy_teacher_run
+  names = [s.name for s in default.get_config('tiny').stages]
+  workdir = tmp_path / 'run'
+  copy_teacher_run(tiny_run, str(workdir), names[2:])
+  overrides = ['--config.stop_after=rl_stem', '--config.stages.2.log_every=1',
+               '--config.stages.3.log_every=1']
+  for stage, total in (('distill', 8), ('rl_stem', 2)):
+    proc = start_cli(str(workdir), *overrides)
+    deadline, log = time.time() + 600, ''
+    while f'{stage} step 1/{total}' not in log:
+      assert proc.poll() is None and time.time() < deadline, log[-3000:]
+      log += proc.stderr.readline()
+    proc.send_signal(signal.SIGTERM)
+    _, rest = proc.communicate(timeout=300)
+    assert proc.returncode == 0, rest[-3000:]
+    steps = [int(d) for d in os.listdir(workdir / stage / 'checkpoints') if d.isdigit()]
+    assert steps and max(steps) < total, 'the stage finished before the signal: nothing tested'
+  resumed = cli(str(workdir), *overrides)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  for stage in ('distill', 'rl_stem'):
+    jax.tree.map(np.testing.assert_array_equal, final_params(str(workdir), stage),
+                 final_params(tiny_run, stage))
