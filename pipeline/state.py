@@ -56,15 +56,22 @@ def merge(spec: ModelSpec, params) -> Transformer:
 
 def init_train_state(spec: ModelSpec, params, tx: optax.GradientTransformation,
                      mesh: Mesh, seed: int, extras: dict | None = None):
-  """Returns (state, state_shardings). Optimizer moments inherit the params'
-  shardings (GSPMD propagates them through tx.init).
+  """Returns (state, state_shardings). Optimizer moments take the shardings of
+  the params they belong to (set explicitly: left to GSPMD, jit(tx.init)
+  returned them replicated, a full copy of both Adam moments on every device,
+  experiments/memory_scaling.py); other optimizer leaves are replicated.
 
   extras: more trainable arrays (e.g. distillation's projection W), kept in
   the state next to 'params' and optimised with them.
   """
   # Extras are small: replicated on the mesh.
   extras = jax.device_put(extras or {}, sharding.replicated(mesh))
-  opt_state = jax.jit(tx.init)({'params': params, **extras} if extras else params)
+  trainable = {'params': params, **extras} if extras else params
+  opt_shardings = optax.tree_map_params(
+      tx, lambda _, param_sharding: param_sharding, jax.eval_shape(tx.init, trainable),
+      jax.tree.map(lambda x: x.sharding, trainable),
+      transform_non_params=lambda _: sharding.replicated(mesh))
+  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(trainable)
   state = {'params': params, **extras, 'opt_state': opt_state,
            'step': jnp.zeros((), jnp.int32), 'rng': jax.random.key_data(jax.random.key(seed))}
   rep = sharding.replicated(mesh)
