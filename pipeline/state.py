@@ -54,6 +54,34 @@ def merge(spec: ModelSpec, params) -> Transformer:
   return nnx.merge(spec.graphdef, params)
 
 
+def opt_state_shardings(tx: optax.GradientTransformation, trainable, mesh: Mesh):
+  """Each optimizer leaf shaped like a param (Adam's moments) takes that
+  param's sharding; the rest (counts) are replicated. trainable: arrays or
+  ShapeDtypeStructs with shardings."""
+  return optax.tree_map_params(
+      tx, lambda _, param_sharding: param_sharding, jax.eval_shape(tx.init, trainable),
+      jax.tree.map(lambda x: x.sharding, trainable),
+      transform_non_params=lambda _: sharding.replicated(mesh))
+
+
+def abstract_train_state(spec: ModelSpec, tx: optax.GradientTransformation, mesh: Mesh,
+                         extras: dict | None = None) -> dict:
+  """The train state of `init_train_state` as ShapeDtypeStructs with its
+  shardings, built without allocating anything (ahead-of-time compiles)."""
+  rep = sharding.replicated(mesh)
+  extras = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=rep)
+            for k, v in (extras or {}).items()}
+  params = abstract_params(spec)
+  trainable = {'params': params, **extras} if extras else params
+  opt_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                           jax.eval_shape(tx.init, trainable),
+                           opt_state_shardings(tx, trainable, mesh))
+  rng = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+  return {'params': params, **extras, 'opt_state': opt_state,
+          'step': jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
+          'rng': jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=rep)}
+
+
 def init_train_state(spec: ModelSpec, params, tx: optax.GradientTransformation,
                      mesh: Mesh, seed: int, extras: dict | None = None):
   """Returns (state, state_shardings). Optimizer moments take the shardings of
@@ -67,11 +95,7 @@ def init_train_state(spec: ModelSpec, params, tx: optax.GradientTransformation,
   # Extras are small: replicated on the mesh.
   extras = jax.device_put(extras or {}, sharding.replicated(mesh))
   trainable = {'params': params, **extras} if extras else params
-  opt_shardings = optax.tree_map_params(
-      tx, lambda _, param_sharding: param_sharding, jax.eval_shape(tx.init, trainable),
-      jax.tree.map(lambda x: x.sharding, trainable),
-      transform_non_params=lambda _: sharding.replicated(mesh))
-  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(trainable)
+  opt_state = jax.jit(tx.init, out_shardings=opt_state_shardings(tx, trainable, mesh))(trainable)
   state = {'params': params, **extras, 'opt_state': opt_state,
            'step': jnp.zeros((), jnp.int32), 'rng': jax.random.key_data(jax.random.key(seed))}
   rep = sharding.replicated(mesh)
