@@ -30,10 +30,17 @@ setup(
         'PyYAML>=6,<7',
         'mpmath>=1.3,<2',  # bfcl-eval's MathAPI back end
         'math-verify>=0.9.0,<0.10',  # answer equivalence in the STEM reward
+        # Hugging Face checkpoints (models/hf.py, data/hf_tokenizer.py); no torch needed.
+        'safetensors>=0.8.0,<0.9',
+        'tokenizers>=0.23.1,<0.24',
+        'jinja2>=3.1,<4',
         # bfcl-eval itself is installed with --no-deps (its pinned deps conflict):
         #   pip install --no-deps bfcl-eval==2026.3.23
     ],
     extras_require={
-        'dev': ['pytest>=8,<10', 'matplotlib>=3.8,<4'],
+        # torch==2.13.0 is the CPU build that pip finds on this project's machines
+        # (elsewhere PyPI serves a CUDA build); both only for the parity tests.
+        'dev': ['pytest>=8,<10', 'matplotlib>=3.8,<4', 'torch==2.13.0',
+                'transformers>=5.23,<6'],
     },
 )

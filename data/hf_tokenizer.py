@@ -34,9 +34,10 @@ import tokenizers
 TOKENIZER_FILE = 'tokenizer.json'
 TOKENIZER_CONFIG = 'tokenizer_config.json'
 TEMPLATE_FILE = 'chat_template.jinja'
-# What `save` copies: enough for `load`, and for transformers' AutoTokenizer.
+# What `save` copies: enough for `load` and for transformers' AutoTokenizer;
+# config.json for the embedding rows (vocab_size) and token ids.
 FILES = (TOKENIZER_FILE, TOKENIZER_CONFIG, TEMPLATE_FILE, 'special_tokens_map.json',
-         'generation_config.json')
+         'generation_config.json', 'config.json')
 
 
 def is_hf_tokenizer_dir(path: str) -> bool:

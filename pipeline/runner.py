@@ -7,6 +7,9 @@ workdir/
                          "untrained": {"model", "eval"}}  (the baseline)
   tokenizer/            the sentencepiece model trained on the run's corpus
   <stage name>/         checkpoints/, final/, tensorboard/, eval.md
+  hf_init/<model>/final a Hugging Face checkpoint converted to our params, once
+                        (models with `hf_checkpoint`; the tokenizer folder then
+                        holds that checkpoint's tokenizer files instead)
 """
 
 from __future__ import annotations
@@ -21,9 +24,12 @@ import jax
 from absl import logging
 from jax.experimental import multihost_utils
 
+from data.hf_tokenizer import HFTokenizer, is_hf_tokenizer_dir
 from data.tokenizer import Tokenizer, train_tokenizer
+from models import hf
 from models.llama import ModelConfig
-from pipeline import distill, evaluate, grpo, loop, reward_model, sft, sharding, stage_data
+from pipeline import checkpoint, distill, evaluate, grpo, loop, reward_model, sft, sharding
+from pipeline import stage_data
 from pipeline import state as state_lib
 
 STAGE_KINDS = {'sft': sft.run, 'distill': distill.run, 'reward_model': reward_model.run,
@@ -55,18 +61,44 @@ def validate(config) -> None:
       if field in stage and stage[field] not in config.models:
         raise ValueError(f'config.stages[{i}].{field}={stage[field]!r} is not in '
                          f'config.models ({sorted(config.models)})')
+    if stage.init_from == 'hf' and not _hf_checkpoint(config, stage.model):
+      raise ValueError(f"config.stages[{i}].init_from='hf' but config.models.{stage.model} "
+                       'has no hf_checkpoint')
+  for name, model in config.models.items():
+    if _hf_checkpoint(config, name):
+      # Reads config.json only: a wrong path or an unsupported architecture
+      # fails here, before any data is loaded.
+      hf.model_config(model.hf_checkpoint)
+
+
+def _hf_checkpoint(config, model: str) -> str:
+  """The local Hugging Face checkpoint `model` starts from ('' = none)."""
+  return config.models[model].get('hf_checkpoint', '') or ''
 
 
 def model_configs(config, vocab_size: int) -> dict[str, ModelConfig]:
-  """ModelConfigs from config.models; the vocab comes from the run's tokenizer."""
+  """ModelConfigs from config.models; the vocab comes from the run's tokenizer.
+
+  A model with `hf_checkpoint` takes its shapes from that checkpoint's
+  config.json; its other keys (dtype, remat) override the rest.
+  """
   fields = {f.name for f in dataclasses.fields(ModelConfig)}
   out = {}
   for name, cfg in config.models.items():
-    unknown = set(cfg.keys()) - fields
+    unknown = set(cfg.keys()) - fields - {'hf_checkpoint'}
     if unknown:
       raise ValueError(f'config.models.{name} has unknown keys {sorted(unknown)}; '
-                       f'valid: {sorted(fields)}')
-    kwargs = {'vocab_size': vocab_size, **cfg.to_dict()}
+                       f'valid: {sorted(fields | {"hf_checkpoint"})}')
+    if _hf_checkpoint(config, name):
+      overrides = {k: v for k, v in cfg.to_dict().items() if k != 'hf_checkpoint'}
+      out[name] = hf.model_config(cfg.hf_checkpoint, **overrides)
+      if out[name].vocab_size != vocab_size:
+        raise ValueError(f'config.models.{name}.hf_checkpoint={cfg.hf_checkpoint} has '
+                         f'vocab_size={out[name].vocab_size} but the run\'s tokenizer has '
+                         f'{vocab_size}: every model of a run must share one tokenizer')
+      continue
+    kwargs = {'vocab_size': vocab_size, **{k: v for k, v in cfg.to_dict().items()
+                                           if k != 'hf_checkpoint'}}
     if kwargs['vocab_size'] != vocab_size:
       raise ValueError(f'config.models.{name}.vocab_size={kwargs["vocab_size"]} but the '
                        f'tokenizer has {vocab_size} tokens')
@@ -88,8 +120,33 @@ def run_data(config) -> tuple[list[dict], list[dict]]:
   return train, eval_
 
 
-def ensure_tokenizer(config, workdir: str, train_records: list[dict]) -> Tokenizer:
-  """Trains the run's tokenizer on its training corpus once; later runs load it."""
+def load_tokenizer(folder: str) -> Tokenizer | HFTokenizer:
+  """A run's tokenizer folder: a checkpoint's tokenizer files, or ours."""
+  if is_hf_tokenizer_dir(folder):
+    return HFTokenizer.load(folder)
+  return Tokenizer.load(os.path.join(folder, 'tokenizer.model'))
+
+
+def ensure_tokenizer(config, workdir: str,
+                     train_records: list[dict]) -> Tokenizer | HFTokenizer:
+  """Trains the run's tokenizer on its training corpus once; later runs load it.
+
+  When models start from Hugging Face checkpoints, the run uses their
+  tokenizer and chat template instead (all of them must share it).
+  """
+  checkpoints = [_hf_checkpoint(config, m) for m in config.models
+                 if _hf_checkpoint(config, m)]
+  if checkpoints:
+    tokenizers = [HFTokenizer.load(c) for c in checkpoints]
+    for c, t in zip(checkpoints[1:], tokenizers[1:]):
+      if t.fingerprint() != tokenizers[0].fingerprint():
+        raise ValueError(f'the tokenizers of {checkpoints[0]} and {c} differ; every model of '
+                         'a run must share one tokenizer (and chat template)')
+    folder = os.path.join(workdir, 'tokenizer')
+    if jax.process_index() == 0:
+      tokenizers[0].save(folder)  # a record of the run, read by export_hf
+    multihost_utils.sync_global_devices('tokenizer')
+    return tokenizers[0]
   path = os.path.join(workdir, 'tokenizer', 'tokenizer.model')
   if not os.path.exists(path) and jax.process_index() == 0:
     texts = [m['content'] for r in train_records for m in r['messages']]
@@ -127,13 +184,39 @@ class Summary:
     os.replace(tmp, self.path)
 
 
+def _hf_params_path(workdir: str, model: str) -> str:
+  return os.path.join(workdir, 'hf_init', model, 'final')
+
+
 def _latest_params(config, index: int, model: str, workdir: str) -> str | None:
   """Final params of the last stage before `index` that trained `model` as a
-  policy (a reward_model stage trains a copy with a head; it is skipped)."""
+  policy (a reward_model stage trains a copy with a head; it is skipped);
+  before any, the model's Hugging Face checkpoint if it has one."""
   for prev in reversed(config.stages[:index]):
     if prev.model == model and prev.kind != 'reward_model':
       return os.path.join(workdir, prev.name, 'final')
+  if _hf_checkpoint(config, model):
+    return _hf_params_path(workdir, model)
   return None
+
+
+def ensure_hf_params(config, model: str, model_cfg: ModelConfig, mesh, rules, tokenizer,
+                     workdir: str) -> str:
+  """Converts `model`'s Hugging Face checkpoint to a params checkpoint once
+  (tensor by tensor onto the mesh, then a collective orbax save), so that
+  every stage loads it like any other stage's final params."""
+  path = _hf_params_path(workdir, model)
+  if not os.path.isdir(path):
+    source = _hf_checkpoint(config, model)
+    logging.info('importing %s from %s', model, source)
+    spec = state_lib.model_spec(model_cfg, mesh, rules)
+    with jax.set_mesh(mesh):
+      params = hf.load_params(source, model_cfg, spec.param_shardings)
+    checkpoint.save_params(path, params)
+    if jax.process_index() == 0:
+      checkpoint.write_model_meta(os.path.dirname(path), tokenizer, model_cfg)
+    multihost_utils.sync_global_devices('hf_init')
+  return path
 
 
 def _init_params_path(config, index: int, workdir: str) -> str | None:
@@ -143,6 +226,8 @@ def _init_params_path(config, index: int, workdir: str) -> str | None:
   stage = config.stages[index]
   if stage.init_from in ('scratch', 'teacher_layers'):
     return None
+  if stage.init_from == 'hf':
+    return _hf_params_path(workdir, stage.model)
   if stage.init_from == 'previous':
     return _latest_params(config, index, stage.model, workdir)
   return stage.init_from
@@ -168,13 +253,19 @@ def _reward_model(config, index: int, workdir: str) -> dict:
           'reward_model_name': earlier[name].model}
 
 
-def _eval_untrained(config, models, mesh, rules, tokenizer, eval_records) -> dict:
-  """The held-out suite on the first stage's model at initialisation: the
-  baseline every stage's gains are read against."""
+def _eval_untrained(config, models, mesh, rules, tokenizer, eval_records, workdir) -> dict:
+  """The held-out suite on the first stage's model at initialisation (its
+  Hugging Face weights, if it has some): the baseline every stage's gains
+  are read against."""
   first = config.stages[0]
   with jax.set_mesh(mesh):
     spec = state_lib.model_spec(models[first.model], mesh, rules)
-    params = state_lib.init_params(spec, config.seed)
+    if _hf_checkpoint(config, first.model):
+      path = ensure_hf_params(config, first.model, models[first.model], mesh, rules,
+                              tokenizer, workdir)
+      params = checkpoint.load_params(path, state_lib.abstract_params(spec))
+    else:
+      params = state_lib.init_params(spec, config.seed)
     metrics = evaluate.evaluate(spec, params, tokenizer, eval_records, first.eval,
                                 seed=config.seed)
   logging.info('untrained %s: %s', first.model, metrics)
@@ -204,7 +295,8 @@ def run_pipeline(config, workdir: str) -> dict:
   models = model_configs(config, tokenizer.vocab_size)
   summary = Summary(workdir, config, write=is_logger)
   if config.eval_untrained and summary.untrained is None:
-    summary.untrained = _eval_untrained(config, models, mesh, rules, tokenizer, eval_records)
+    summary.untrained = _eval_untrained(config, models, mesh, rules, tokenizer, eval_records,
+                                        workdir)
     summary.save()
   for index, stage in enumerate(config.stages):
     entry = summary.entry(stage.name)
@@ -213,6 +305,11 @@ def run_pipeline(config, workdir: str) -> dict:
       continue
     stage_dir = os.path.join(workdir, stage.name)
     os.makedirs(stage_dir, exist_ok=True)
+    for model in dict.fromkeys([stage.model, stage.get('teacher', stage.model)]):  # ordered
+      hf_path = _hf_params_path(workdir, model)
+      if hf_path in (_init_params_path(config, index, workdir),
+                     _teacher_params_path(config, index, workdir)):
+        ensure_hf_params(config, model, models[model], mesh, rules, tokenizer, workdir)
     ctx = loop.StageContext(
         name=stage.name, stage_dir=stage_dir, mesh=mesh, rules=rules, tokenizer=tokenizer,
         seed=config.seed + index, data_seed=config.seed, models=models,
