@@ -224,9 +224,24 @@ def _layout(path: tuple, cfg: ModelConfig) -> Layout:
     }
     if rest in table:
       return table[rest]
-  raise ValueError(
-      f'parameter {"/".join(map(str, path))} has no Hugging Face counterpart; import and '
-      'export support the unscanned layout of models/llama.py only (one entry per block)')
+  raise ValueError(f'parameter {"/".join(map(str, path))} has no Hugging Face counterpart')
+
+
+def _scanned(path: tuple) -> bool:
+  """'blocks/attn/wq_dnh' ([L, ...], `scan_layers=True`), not 'blocks/3/attn/wq_dnh'."""
+  return path[0] == 'blocks' and not isinstance(path[1], int)
+
+
+def _layer_layouts(path: tuple, cfg: ModelConfig) -> list[Layout]:
+  """One Layout per layer: a scanned parameter stacks the L per-layer
+  tensors; any other has one."""
+  if _scanned(path):
+    return [_layout(('blocks', i, *path[1:]), cfg) for i in range(cfg.num_layers)]
+  return [_layout(path, cfg)]
+
+
+def _our_shape(layout: Layout) -> tuple[int, ...]:
+  return tuple(layout.split_shape[i] for i in layout.perm)
 
 
 def _key(entry) -> Any:
@@ -339,16 +354,24 @@ def load_params(path: str, cfg: ModelConfig, shardings) -> dict:
   with contextlib.ExitStack() as stack, jax.default_device(cpu):
     tensors = _Tensors(path, stack)
     for our_path, target in flat:
-      layout = _layout(our_path, cfg)
-      tensor = tensors.get_slice(layout.hf_name)
-      shape = tuple(tensor.get_shape())
-      if shape != layout.hf_shape:
-        raise ValueError(f'{tensors.where(layout.hf_name)}: tensor {layout.hf_name!r} has shape '
-                         f'{shape} but config.json implies {layout.hf_shape}')
-      our_shape = tuple(layout.split_shape[i] for i in layout.perm)
-      leaves.append(jax.make_array_from_callback(
-          our_shape, target, lambda idx, t=tensor, l=layout: _read_shard(t, l, idx)))
-      used.add(layout.hf_name)
+      layouts = _layer_layouts(our_path, cfg)
+      sources = []
+      for layout in layouts:
+        tensor = tensors.get_slice(layout.hf_name)
+        shape = tuple(tensor.get_shape())
+        if shape != layout.hf_shape:
+          raise ValueError(f'{tensors.where(layout.hf_name)}: tensor {layout.hf_name!r} has '
+                           f'shape {shape} but config.json implies {layout.hf_shape}')
+        sources.append((tensor, layout))
+        used.add(layout.hf_name)
+      if _scanned(our_path):  # [L, ...]: each device reads its layers' slices
+        def read(idx, sources=sources):
+          return np.stack([_read_shard(t, l, idx[1:]) for t, l in sources[idx[0]]])
+        shape = (len(layouts), *_our_shape(layouts[0]))
+      else:
+        read = lambda idx, t=tensor, l=layout: _read_shard(t, l, idx)
+        shape = _our_shape(layout)
+      leaves.append(jax.make_array_from_callback(shape, target, read))
     extra = set(tensors.weight_map) - used
     if cfg.tie_embeddings:
       extra.discard('lm_head.weight')  # some exporters write the tied copy too
@@ -367,10 +390,11 @@ def export_tensors(params, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray]]
   """(HF name, float32 host array) for every parameter, one at a time, so a
   writer holds at most one shard's worth of host memory."""
   for our_path, array in _paths(params):
-    layout = _layout(our_path, cfg)
-    host = np.asarray(jax.device_get(array), np.float32)
-    inv = tuple(int(i) for i in np.argsort(layout.perm))
-    yield layout.hf_name, np.ascontiguousarray(host.transpose(inv).reshape(layout.hf_shape))
+    layouts = _layer_layouts(our_path, cfg)
+    for i, layout in enumerate(layouts):
+      host = np.asarray(jax.device_get(array[i] if _scanned(our_path) else array), np.float32)
+      inv = tuple(int(j) for j in np.argsort(layout.perm))
+      yield layout.hf_name, np.ascontiguousarray(host.transpose(inv).reshape(layout.hf_shape))
 
 
 def save_pretrained(out: str, params, cfg: ModelConfig, *, base_config: dict | None = None,

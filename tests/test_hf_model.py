@@ -85,10 +85,10 @@ def hf_logits(model, tokens, mask, positions) -> np.ndarray:
   return out.logits.float().numpy()
 
 
-def import_model(path, mesh_shape=(2, 2, 2)):
+def import_model(path, mesh_shape=(2, 2, 2), **overrides):
   """Our config, spec and params for the checkpoint, on a mesh."""
   mesh = sharding.make_mesh(mesh_shape)
-  cfg = hf.model_config(path)
+  cfg = hf.model_config(path, **overrides)
   spec = state_lib.model_spec(cfg, mesh, DEFAULT_RULES)
   with jax.set_mesh(mesh):
     params = hf.load_params(path, cfg, spec.param_shardings)
@@ -119,6 +119,28 @@ def test_logits_match_transformers(case, tmp_path):
   # Each parameter sits on the sharding the model spec asked for.
   for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(spec.param_shardings)):
     assert got.sharding.is_equivalent_to(want, got.ndim)
+
+
+def test_scan_layers(tmp_path):
+  """scan_layers=True ([L, ...] params): same logits, and the export equals
+  the unscanned one's tensor for tensor."""
+  model = make_hf_model('qwen3', num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                        num_hidden_layers=3)
+  path = save_hf(model, tmp_path / 'ckpt')
+  _, spec, params = import_model(path, scan_layers=True)
+  assert params['blocks']['attn']['wq_dnh'].shape == (3, 32, 4, 8)
+  tokens, mask, positions = batch(5)
+  real = mask.astype(bool)
+  err = np.abs(our_logits(spec, params, tokens, mask, positions)[real]
+               - hf_logits(model, tokens, mask, positions)[real]).max()
+  assert err < TOL
+  _, flat_spec, flat_params = import_model(path)
+  scanned = dict(hf.export_tensors(params, spec.config))
+  flat = dict(hf.export_tensors(flat_params, flat_spec.config))
+  assert scanned.keys() == flat.keys() == set(model.state_dict()) - {'lm_head.weight'} | (
+      {'lm_head.weight'} if not model.config.tie_word_embeddings else set())
+  for name in flat:
+    np.testing.assert_array_equal(scanned[name], flat[name])
 
 
 def test_config_mapping(tmp_path):
@@ -170,7 +192,7 @@ def test_bfloat16_checkpoint(tmp_path):
   """Real checkpoints ship bfloat16: imported exactly (upcast), parity against
   the same bf16 weights upcast to float32 in torch (reloaded: casting the
   torch model back and forth would also round its RoPE inv_freq buffer)."""
-  model = make_hf_model('qwen3', num_attention_heads=4, num_key_value_heads=2)
+  model = make_hf_model('qwen3', num_attention_heads=4, num_key_value_heads=2, head_dim=8)
   path = save_hf(model.to(torch.bfloat16), tmp_path / 'bf16')
   model = transformers.Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
   mesh, spec, params = import_model(path)
