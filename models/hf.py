@@ -55,25 +55,50 @@ def read_config(path: str) -> dict:
     return json.load(f)
 
 
-def _rope(hf: dict, file: str) -> float:
-  """rope θ, refusing any rope scaling (our RoPE has no scaling yet).
+def _rope(hf: dict, file: str) -> dict:
+  """ModelConfig's rope fields: θ and the scaling ('linear', 'llama3').
 
   transformers >= 5 writes `rope_parameters: {rope_type, rope_theta, ...}`;
   older checkpoints write `rope_theta` and `rope_scaling: {type|rope_type, ...}`.
   """
   params = hf.get('rope_parameters') or {}
-  scaling = hf.get('rope_scaling') or {}
-  rope_type = params.get('rope_type', 'default')
-  scaling_type = scaling.get('rope_type', scaling.get('type', 'default')) if scaling else 'default'
-  for key, kind in (('rope_parameters.rope_type', rope_type),
-                    ('rope_scaling.rope_type', scaling_type)):
-    if kind != 'default':
-      raise ValueError(
-          f'{file}: {key}={kind!r} is not supported: models/llama.py implements plain '
-          f'RoPE only (no linear, dynamic, llama3, yarn or longrope scaling). Remove '
-          f'the rope scaling from config.json only if you will train and run at '
-          f'contexts shorter than the original pretraining length.')
-  return float(params.get('rope_theta', hf.get('rope_theta', 10_000.0)))
+  key, scaling = 'rope_parameters', params
+  if params.get('rope_type', 'default') == 'default':
+    key, scaling = 'rope_scaling', hf.get('rope_scaling') or {}
+  kind = scaling.get('rope_type', scaling.get('type', 'default'))
+  out = dict(rope_theta=float(params.get('rope_theta', hf.get('rope_theta', 10_000.0))))
+  if hf.get('partial_rotary_factor', params.get('partial_rotary_factor', 1.0)) != 1.0:
+    raise ValueError(f'{file}: partial_rotary_factor is not supported (RoPE on every dim)')
+  try:
+    if kind == 'default':
+      return out
+    if kind == 'linear':
+      return dict(out, rope_scaling='linear', rope_factor=float(scaling['factor']))
+    if kind == 'llama3':
+      return dict(out, rope_scaling='llama3', rope_factor=float(scaling['factor']),
+                  rope_low_freq_factor=float(scaling['low_freq_factor']),
+                  rope_high_freq_factor=float(scaling['high_freq_factor']),
+                  rope_original_max_len=int(scaling['original_max_position_embeddings']))
+  except KeyError as e:
+    raise ValueError(f'{file}: {key} of type {kind!r} has no {e.args[0]!r}') from None
+  raise ValueError(
+      f'{file}: {key}.rope_type={kind!r} is not supported: models/llama.py implements '
+      "plain RoPE and the 'linear' and 'llama3' scalings (not dynamic, yarn or longrope). "
+      'Removing the scaling from config.json is only safe for contexts within the '
+      'original pretraining length.')
+
+
+def _rope_parameters(cfg: ModelConfig) -> dict:
+  """The inverse of `_rope`, as transformers >= 5 writes it."""
+  out = {'rope_type': 'default', 'rope_theta': cfg.rope_theta}
+  if cfg.rope_scaling == 'linear':
+    out.update(rope_type='linear', factor=cfg.rope_factor)
+  elif cfg.rope_scaling == 'llama3':
+    out.update(rope_type='llama3', factor=cfg.rope_factor,
+               low_freq_factor=cfg.rope_low_freq_factor,
+               high_freq_factor=cfg.rope_high_freq_factor,
+               original_max_position_embeddings=cfg.rope_original_max_len)
+  return out
 
 
 def model_config(path: str, **overrides) -> ModelConfig:
@@ -118,7 +143,7 @@ def model_config(path: str, **overrides) -> ModelConfig:
         vocab_size=hf['vocab_size'], d_model=d, num_layers=hf['num_hidden_layers'],
         num_heads=heads, num_kv_heads=hf.get('num_key_value_heads') or heads,
         head_dim=hf.get('head_dim') or d // heads, mlp_dim=hf['intermediate_size'],
-        rope_theta=_rope(hf, file), norm_eps=float(hf.get('rms_norm_eps', 1e-6)),
+        **_rope(hf, file), norm_eps=float(hf.get('rms_norm_eps', 1e-6)),
         qkv_bias=family == 'qwen2', qk_norm=family == 'qwen3',
         tie_embeddings=bool(hf.get('tie_word_embeddings', False)))
   except KeyError as e:
@@ -150,9 +175,11 @@ def hf_config(cfg: ModelConfig, *, base: dict | None = None) -> dict:
       num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
       num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, hidden_act='silu',
       rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
-      # Both spellings: transformers >= 5 reads rope_parameters, 4.x rope_theta.
-      rope_theta=cfg.rope_theta,
-      rope_parameters={'rope_type': 'default', 'rope_theta': cfg.rope_theta},
+      # Both spellings: transformers >= 5 reads rope_parameters, 4.x rope_theta
+      # and rope_scaling.
+      rope_theta=cfg.rope_theta, rope_parameters=_rope_parameters(cfg),
+      rope_scaling=({k: v for k, v in _rope_parameters(cfg).items() if k != 'rope_theta'}
+                    if cfg.rope_scaling != 'none' else None),
       dtype='float32', torch_dtype='float32')
   if family == 'llama':
     out.update(attention_bias=False, mlp_bias=False)

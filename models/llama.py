@@ -49,10 +49,30 @@ class RMSNorm(nnx.Module):
     return (x32 * jax.lax.rsqrt(var + self.eps) * self.scale[...]).astype(x.dtype)
 
 
-def rope(x_btnh: Array, positions_bt: Array, theta: float) -> Array:
+def rope_frequencies(cfg: 'ModelConfig') -> Array:
+  """[H/2] RoPE inverse frequencies θ^(-2i/H), rescaled as `cfg.rope_scaling` says
+  (the rules of transformers' modeling_rope_utils, for imported checkpoints)."""
+  h = cfg.head_dim
+  inv_freq = 1.0 / cfg.rope_theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h)  # [H/2]
+  if cfg.rope_scaling == 'linear':  # position interpolation
+    return inv_freq / cfg.rope_factor
+  if cfg.rope_scaling == 'llama3':
+    # Llama 3.1: wavelengths longer than the original context / low_freq_factor
+    # are stretched by the factor, shorter than / high_freq_factor kept, the
+    # band between interpolated.
+    wavelen = 2 * jnp.pi / inv_freq
+    smooth = (cfg.rope_original_max_len / wavelen - cfg.rope_low_freq_factor) / (
+        cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+    smoothed = (1 - smooth) * inv_freq / cfg.rope_factor + smooth * inv_freq
+    return jnp.where(wavelen > cfg.rope_original_max_len / cfg.rope_low_freq_factor,
+                     inv_freq / cfg.rope_factor,
+                     jnp.where(wavelen < cfg.rope_original_max_len / cfg.rope_high_freq_factor,
+                               inv_freq, smoothed))
+  return inv_freq
+
+
+def rope(x_btnh: Array, positions_bt: Array, inv_freq: Array) -> Array:
   """Rotary embedding, half-split layout (as in Hugging Face Llama/Qwen)."""
-  h = x_btnh.shape[-1]
-  inv_freq = 1.0 / theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h)  # [H/2]
   angles = positions_bt[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
   sin = jnp.sin(angles)[:, :, None, :]  # [B, T, 1, H/2]
   cos = jnp.cos(angles)[:, :, None, :]
@@ -131,8 +151,9 @@ class Attention(nnx.Module):
       v = v + self.bv_kh[...].astype(dt)
     if cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
-    q = rope(q, positions_bt, cfg.rope_theta)
-    k = rope(k, positions_bt, cfg.rope_theta)
+    inv_freq = rope_frequencies(cfg)
+    q = rope(q, positions_bt, inv_freq)
+    k = rope(k, positions_bt, inv_freq)
     if kv is not None:
       k_cache, v_cache, index = kv
       k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
@@ -206,6 +227,14 @@ class ModelConfig:
   head_dim: int
   mlp_dim: int
   rope_theta: float = 10_000.0
+  # Long-context RoPE scaling, as in a checkpoint's config.json (models/hf.py):
+  # 'none' | 'linear' (every frequency / rope_factor) | 'llama3' (Llama 3.1, with
+  # rope_low_freq_factor, rope_high_freq_factor and rope_original_max_len).
+  rope_scaling: str = 'none'
+  rope_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
   norm_eps: float = 1e-6
   qkv_bias: bool = False  # Qwen2
   qk_norm: bool = False  # Qwen3
@@ -226,6 +255,9 @@ class ModelConfig:
       raise ValueError(f'head_dim={self.head_dim} must be even for RoPE')
     if self.dtype not in ('float32', 'bfloat16'):
       raise ValueError(f"dtype={self.dtype!r}: expected 'float32' or 'bfloat16'")
+    if self.rope_scaling not in ('none', 'linear', 'llama3'):
+      raise ValueError(f"rope_scaling={self.rope_scaling!r}: expected 'none', 'linear' or "
+                       "'llama3'")
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f'remat_policy={self.remat_policy!r}: expected one of '
                        f'{sorted(REMAT_POLICIES)}')

@@ -28,6 +28,18 @@ CASES = {
     'llama_mha_tied_h16': ('llama', dict(num_attention_heads=4, num_key_value_heads=4,
                                          head_dim=16, tie_word_embeddings=True,
                                          rope_theta=500_000.0)),
+    # Llama 3.1 rope scaling; the original context is set so that the head's 4
+    # frequencies fall in all three bands (kept, interpolated, stretched).
+    'llama_rope_llama3': ('llama', dict(num_attention_heads=4, num_key_value_heads=1,
+                                        max_position_embeddings=16384,
+                                        rope_parameters=dict(
+                                            rope_type='llama3', rope_theta=500_000.0,
+                                            factor=8.0, low_freq_factor=1.0,
+                                            high_freq_factor=16.0,
+                                            original_max_position_embeddings=2048))),
+    'qwen2_rope_linear': ('qwen2', dict(num_attention_heads=4, num_key_value_heads=2,
+                                        rope_parameters=dict(rope_type='linear',
+                                                             rope_theta=1e4, factor=4.0))),
     'qwen2_gqa3_tied': ('qwen2', dict(hidden_size=48, num_attention_heads=6, num_key_value_heads=2,
                                       tie_word_embeddings=True, rope_theta=1e6)),
     'qwen2_mqa_untied': ('qwen2', dict(num_attention_heads=4, num_key_value_heads=1,
@@ -150,7 +162,11 @@ def test_config_mapping(tmp_path):
   assert (cfg.vocab_size, cfg.d_model, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads,
           cfg.head_dim, cfg.mlp_dim) == (VOCAB, 32, 2, 4, 2, 16, 48)
   assert cfg.qk_norm and not cfg.qkv_bias and not cfg.tie_embeddings
-  assert cfg.rope_theta == 1e6 and cfg.dtype == 'bfloat16'
+  assert cfg.rope_theta == 1e6 and cfg.rope_scaling == 'none' and cfg.dtype == 'bfloat16'
+  family, kwargs = CASES['llama_rope_llama3']
+  cfg = hf.model_config(save_hf(make_hf_model(family, **kwargs), tmp_path / 'l3'))
+  assert (cfg.rope_scaling, cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
+          cfg.rope_original_max_len, cfg.rope_theta) == ('llama3', 8.0, 1.0, 16.0, 2048, 5e5)
   with pytest.raises(ValueError, match='num_heads=8 disagrees'):
     hf.model_config(str(tmp_path / 'q3'), num_heads=8)
 
@@ -203,7 +219,8 @@ def test_bfloat16_checkpoint(tmp_path):
   assert err < TOL
 
 
-@pytest.mark.parametrize('case', ['llama_gqa2_untied', 'qwen2_gqa3_tied', 'qwen3_mha_tied'])
+@pytest.mark.parametrize('case', ['llama_gqa2_untied', 'llama_rope_llama3', 'qwen2_rope_linear',
+                                  'qwen2_gqa3_tied', 'qwen3_mha_tied'])
 def test_export_transformers_import_round_trip(case, tmp_path):
   """ours -> export -> transformers from_pretrained (same logits) ->
   save_pretrained -> import: bit-identical params."""
@@ -251,11 +268,12 @@ def _copy(src, tmp_path) -> str:
 @pytest.mark.parametrize('changes, message', [
     (dict(architectures=['MistralForCausalLM']), "MistralForCausalLM"),
     (dict(architectures=['LlamaForCausalLM'], model_type='qwen2'), "model_type='qwen2'"),
+    (dict(rope_parameters={'rope_type': 'dynamic', 'rope_theta': 5e5, 'factor': 8.0}),
+     "rope_parameters.rope_type='dynamic'"),
+    (dict(rope_parameters=None, rope_theta=1e4, rope_scaling={'type': 'yarn', 'factor': 2}),
+     "rope_scaling.rope_type='yarn'"),
     (dict(rope_parameters={'rope_type': 'llama3', 'rope_theta': 5e5, 'factor': 8.0}),
-     "rope_parameters.rope_type='llama3'"),
-    (dict(rope_parameters=None, rope_theta=1e4, rope_scaling={'type': 'linear', 'factor': 2}),
-     "rope_scaling.rope_type='linear'"),
-    (dict(rope_parameters=None, rope_scaling={'rope_type': 'yarn', 'factor': 4}), "'yarn'"),
+     "rope_parameters of type 'llama3' has no 'low_freq_factor'"),
     (dict(attention_bias=True), 'attention_bias=True'),
     (dict(mlp_bias=True), 'mlp_bias=True'),
     (dict(hidden_act='gelu'), "hidden_act='gelu'"),
