@@ -18,11 +18,15 @@ stage of each model starts from its checkpoint's weights (converted once to
 `workdir/hf_init/<model>/final`). Export a stage with
 `python -m pipeline.export_hf --workdir=... --stage=... --out=...`.
 
-Sizes here are for a single 80 GB GPU with a 0.5B-1.5B policy (bfloat16
-compute, remat); set `--config.mesh.shape` for a TPU slice or several GPUs.
-What it should reach depends on the checkpoint: the held-out suite is
-measured before the first stage (the `untrained` row of summary.json).
+Memory: params and AdamW state are float32, 16 bytes per trained parameter,
+FSDP-sharded over the mesh (compute is bfloat16 with remat here). A 1.5B
+policy (24 GB) trains on one 80 GB GPU; SFT of a 7B teacher (112 GB) needs
+several GPUs or a TPU slice (the default mesh (1,-1,1) shards over all of
+them). What a run should reach depends on the checkpoint: the held-out suite
+is measured before the first stage (the `untrained` row of summary.json).
 """
+
+from ml_collections import ConfigDict
 
 from configs import common
 from configs.default import MATH_TASKS, STEM_TASKS
@@ -45,8 +49,7 @@ def _parse(arg: str | None) -> tuple[str, str, bool]:
   return teacher, student, tiny
 
 
-def _hf_model(path: str, tiny: bool):
-  from ml_collections import ConfigDict
+def _hf_model(path: str, tiny: bool) -> ConfigDict:
   # Shapes come from the checkpoint; only numerics are set here.
   return ConfigDict(dict(hf_checkpoint=path, dtype='float32' if tiny else 'bfloat16',
                          remat=not tiny))

@@ -131,8 +131,6 @@ def model_config(path: str, **overrides) -> ModelConfig:
                          'it adds an o_proj bias, which our attention does not have'),
       'use_sliding_window': (bool(hf.get('use_sliding_window', False)),
                              'sliding-window attention is not implemented'),
-      'pretraining_tp': (hf.get('pretraining_tp', 1) not in (1, None),
-                         'tensor-parallel pretraining slices are not implemented'),
   }
   for key, (bad, why) in unsupported.items():
     if bad:
@@ -347,12 +345,10 @@ def _read_shard(tensor, layout: Layout, index: tuple[slice, ...]) -> np.ndarray:
     rest.extend(split_index[dim + 1:dim + len(group)])
     dim += len(group)
   block = np.asarray(tensor[tuple(hf_index)])
-  counts = []
-  dim = 0
+  counts = []  # the block's shape split into our dims, first of each group partial
   for group, s in zip(layout.groups, hf_index):
     counts.append((s.stop - s.start) // math.prod(group[1:]))
     counts.extend(group[1:])
-    dim += len(group)
   block = block.reshape(counts)[tuple(rest)].transpose(layout.perm)
   return block.astype(np.float32)
 
