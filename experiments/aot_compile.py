@@ -116,7 +116,11 @@ def lower_sft(model: ModelConfig, mesh, rules, batch_size: int, seq_len: int):
 
 def lower_distill(teacher: ModelConfig, student: ModelConfig, mesh, rules, batch_size: int,
                   seq_len: int, pairs_per_step: int = 8):
-  """All three levels on (logit, hidden, preference), as the default config."""
+  """All three levels on (logit, hidden, preference), as the default config.
+  pairs_per_step is rounded up to a multiple of the batch axis' devices, as
+  the stage needs it to be."""
+  ways = mesh.shape['data'] * mesh.shape['fsdp']
+  pairs_per_step = -(-pairs_per_step // ways) * ways
   s_spec = state_lib.model_spec(student, mesh, rules)
   t_spec = state_lib.model_spec(teacher, mesh, rules)
   loss_cfg = distill.LossConfig(**{**common.distill_loss().to_dict(),

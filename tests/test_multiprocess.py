@@ -1,0 +1,156 @@
+"""Multi-process runs: 2 processes x 2 CPU devices against 1 process x 4 devices.
+
+Each process is a `python -m pipeline.main` subprocess with its own XLA_FLAGS
+(2 emulated devices), joined over localhost by jax.distributed (gloo
+collectives on CPU). Both runs fix every stage's `data.shards=2`, so they load
+the same global batches; the 2-process run loads half of each per process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STAGES = ('cold_start_sft', 'distill', 'rl_stem')
+
+# The tiny default pipeline cut to one stage of each kind that trains a policy
+# from data, from a teacher, and from rollouts; evaluation on one held-out item.
+CONFIG = textwrap.dedent('''
+    from configs import default
+
+    def get_config():
+      config = default.get_config('tiny')
+      keep = {s.name: s for s in config.stages}
+      config.stages = [keep[n] for n in %r]
+      config.eval_untrained = False
+      for stage in config.stages:
+        stage.data.shards = 2
+        stage.steps = min(stage.steps, 4)
+        stage.checkpoint_every = 2
+        stage.eval.max_new_tokens = 4
+        stage.eval.batch_size = 4
+        if 'filter' in stage:
+          stage.filter.enabled = False
+        for src in list(stage.data.sources.values())[1:]:
+          src.eval_size = 0  # the first source's few items are enough
+      return config
+''' % (STAGES,))
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def env_with_devices(n: int) -> dict:
+  env = {k: v for k, v in os.environ.items() if not k.startswith('JAX_')}
+  env.update(XLA_FLAGS=f'--xla_force_host_platform_device_count={n}', JAX_PLATFORMS='cpu',
+             PYTHONPATH=REPO)
+  return env
+
+
+def launch(config_path: str, workdir: str, *, devices: int, num_processes: int = 1,
+           port: int | None = None, timeout_s: int = 20, only: tuple[int, ...] | None = None):
+  """Starts the processes of one run; returns the Popen objects."""
+  procs = []
+  for pid in (only if only is not None else range(num_processes)):
+    cmd = [sys.executable, '-m', 'pipeline.main', f'--config={config_path}',
+           f'--workdir={workdir}', '--distributed=off' if num_processes == 1 else
+           f'--coordinator_address=localhost:{port}']
+    if num_processes > 1:
+      cmd += [f'--num_processes={num_processes}', f'--process_id={pid}',
+              f'--distributed_timeout_s={timeout_s}']
+    procs.append(subprocess.Popen(cmd, cwd=REPO, env=env_with_devices(devices),
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  return procs
+
+
+def wait_all(procs, timeout_s: float) -> list[tuple[int, str]]:
+  """(returncode, output) of each process; kills all of them past the timeout."""
+  deadline = time.monotonic() + timeout_s
+  out = []
+  for p in procs:
+    try:
+      text, _ = p.communicate(timeout=max(deadline - time.monotonic(), 1))
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      text, _ = p.communicate()
+      pytest.fail(f'processes still running after {timeout_s} s; output:\n{text[-3000:]}')
+    out.append((p.returncode, text))
+  return out
+
+
+def load_final(stage_dir: str) -> dict:
+  """A stage's final params as numpy arrays (whatever mesh wrote them)."""
+  path = os.path.abspath(os.path.join(stage_dir, 'final'))
+  checkpointer = ocp.StandardCheckpointer()
+  tree = checkpointer.metadata(path).item_metadata.tree
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+  return jax.tree.map(np.asarray, checkpointer.restore(path, target))
+
+
+def assert_same_run(ref_dir: str, run_dir: str, stages=STAGES) -> None:
+  for stage in stages:
+    with open(os.path.join(ref_dir, stage, 'history.json')) as f:
+      ref = json.load(f)
+    with open(os.path.join(run_dir, stage, 'history.json')) as f:
+      got = json.load(f)
+    assert [r['step'] for r in got] == [r['step'] for r in ref], stage
+    for a, b in zip(ref, got):
+      np.testing.assert_allclose(b['loss'], a['loss'], rtol=1e-4, atol=1e-5,
+                                 err_msg=f'{stage} step {a["step"]}')
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5,
+                                                          err_msg=stage),
+                 load_final(os.path.join(ref_dir, stage)), load_final(os.path.join(run_dir, stage)))
+
+
+def test_two_processes_match_one(tmp_path):
+  config = tmp_path / 'mp_config.py'
+  config.write_text(CONFIG)
+  ref = launch(str(config), str(tmp_path / 'ref'), devices=4)
+  (rc, text), = wait_all(ref, 600)
+  assert rc == 0, text[-3000:]
+  port = free_port()
+  procs = launch(str(config), str(tmp_path / 'mp'), devices=2, num_processes=2, port=port,
+                 timeout_s=120)
+  results = wait_all(procs, 900)
+  for pid, (rc, text) in enumerate(results):
+    assert rc == 0, f'process {pid}:\n{text[-3000:]}'
+  assert 'process 0 of 2, 2 local / 4 global devices' in results[0][1]
+  assert_same_run(str(tmp_path / 'ref'), str(tmp_path / 'mp'))
+  # Process 0 alone writes the reports.
+  summary = json.loads((tmp_path / 'mp' / 'summary.json').read_text())
+  assert [s['status'] for s in summary['stages']] == ['done'] * len(STAGES)
+  assert list((tmp_path / 'mp' / 'cold_start_sft' / 'tensorboard').iterdir())
+  # Checkpoints hold every process's data-iterator state.
+  step_dir = tmp_path / 'mp' / 'cold_start_sft' / 'checkpoints'
+  latest = max(int(p.name) for p in step_dir.iterdir() if p.name.isdigit())
+  data_state = json.loads((step_dir / str(latest) / 'data' / 'metadata').read_text())
+  assert len(data_state['process_states']) == 2
+
+
+@pytest.mark.parametrize('present', [0, 1])
+def test_missing_peer_is_a_clear_error(tmp_path, present):
+  """One process of two starts: it exits with an error naming the problem
+  after the start-up timeout instead of hanging (or aborting inside XLA)."""
+  procs = launch(os.path.join(REPO, 'configs/default.py') + ':tiny', str(tmp_path / 'run'),
+                 devices=1, num_processes=2, port=free_port(), timeout_s=3, only=(present,))
+  (rc, text), = wait_all(procs, 120)
+  assert rc != 0
+  expected = ('processes [1] of 2 did not connect' if present == 0 else
+              'did not gather all 2 processes')
+  assert expected in text, text[-2000:]
