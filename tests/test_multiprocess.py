@@ -154,3 +154,58 @@ def test_missing_peer_is_a_clear_error(tmp_path, present):
   expected = ('processes [1] of 2 did not connect' if present == 0 else
               'did not gather all 2 processes')
   assert expected in text, text[-2000:]
+
+
+# ---------------------------------------------- in-process: shards and states ---
+
+def _fake_processes(monkeypatch, index: int, count: int) -> None:
+  from pipeline import stage_data
+  monkeypatch.setattr(stage_data.jax, 'process_index', lambda: index)
+  monkeypatch.setattr(stage_data.jax, 'process_count', lambda: count)
+
+
+def test_a_process_loads_its_rows_of_the_same_global_batch(tmp_path, monkeypatch):
+  """Process 1 of 2 yields rows [B/2, B) of the batch one process makes with
+  the same data.shards: the data do not depend on the process count."""
+  from configs import default
+  from data.tokenizer import train_tokenizer
+  from pipeline import stage_data
+  cfg = default.get_config('tiny').stages[0]
+  cfg.data.shards = 4
+  data = stage_data.load(cfg.data, seed=0)
+  tok = train_tokenizer([m['content'] for r in data.all_train() for m in r['messages']], 512,
+                        str(tmp_path))
+  whole = stage_data.train_iterator(data, tok, cfg, seed=0)
+  _fake_processes(monkeypatch, 1, 2)
+  part = stage_data.train_iterator(data, tok, cfg, seed=0)
+  assert len(part.shards) == 2  # shards 2 and 3 of 4
+  for _ in range(2):
+    a, b = next(whole), next(part)
+    for k in a:
+      np.testing.assert_array_equal(b[k], a[k][cfg.batch_size // 2:])
+  # A shard count the processes cannot split evenly is refused.
+  cfg.data.shards = 3
+  with pytest.raises(ValueError, match='data.shards=3 must be a multiple of the 2 processes'):
+    stage_data.train_iterator(data, tok, cfg, seed=0)
+
+
+def test_checkpointed_data_states_are_per_process():
+  from pipeline import checkpoint
+  assert checkpoint.gather_process_states({'step': 3}) == [{'step': 3}]  # one process
+  assert checkpoint.own_process_state({'process_states': [{'step': 3}]}, 'ckpt') == {'step': 3}
+  assert checkpoint.own_process_state({'step': 3}, 'ckpt') == {'step': 3}  # older format
+  with pytest.raises(ValueError, match='written by 2 processes but this run has 1'):
+    checkpoint.own_process_state({'process_states': [{'step': 3}, {'step': 3}]}, 'ckpt')
+
+
+def test_bad_launch_arguments_name_the_problem():
+  from pipeline import distributed
+  bad = [(dict(coordinator_address='localhost'), 'must be host:port'),
+         (dict(coordinator_address='h:1', num_processes=2), 'needs --num_processes and'),
+         (dict(coordinator_address='h:1', num_processes=2, process_id=2), r'process_id=2'),
+         (dict(mode='sometimes'), '--distributed='),
+         (dict(mode='off', coordinator_address='h:1', num_processes=2, process_id=0),
+          'distributed=off but')]
+  for kwargs, match in bad:
+    with pytest.raises(ValueError, match=match):
+      distributed.initialize(distributed.Launch(**kwargs))
