@@ -13,7 +13,8 @@ COLUMNS = (
     ('accuracy', 'math acc'), ('accuracy/basic_arithmetic', 'arith'),
     ('accuracy/chain_sum', 'chain sum'), ('accuracy/gcd', 'gcd'),
     ('pass@1/code_gen', 'code pass@1'), ('pass@1/humaneval', 'HumanEval'),
-    ('call_accuracy/agent', 'agent calls'), ('perplexity/chat', 'chat ppl'),
+    ('call_accuracy/agent', 'BFCL calls'), ('call_accuracy/tool_use', 'tool calls'),
+    ('perplexity/chat', 'chat ppl'),
 )
 
 
