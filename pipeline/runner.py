@@ -283,6 +283,7 @@ def _write_eval_table(stage_dir: str, name: str, metrics: dict) -> None:
 def run_pipeline(config, workdir: str) -> dict:
   """Runs every unfinished stage in order; returns the summary dict."""
   validate(config)
+  workdir = os.path.abspath(workdir)  # orbax refuses relative checkpoint paths
   check_workdir(workdir)
   is_logger = jax.process_index() == 0
   if is_logger:
@@ -302,6 +303,8 @@ def run_pipeline(config, workdir: str) -> dict:
     entry = summary.entry(stage.name)
     if entry['status'] == 'done':
       logging.info('stage %s: done already, skipping', stage.name)
+      if stage.name == config.stop_after:
+        break
       continue
     stage_dir = os.path.join(workdir, stage.name)
     os.makedirs(stage_dir, exist_ok=True)
@@ -332,6 +335,9 @@ def run_pipeline(config, workdir: str) -> dict:
       _write_eval_table(stage_dir, stage.name, result['eval'])
       with open(os.path.join(stage_dir, 'history.json'), 'w') as f:
         json.dump(result['history'], f)
+    # Files process 0 wrote in the stage (e.g. a reward model's statistics)
+    # are read by every process in later stages: wait for them.
+    multihost_utils.sync_global_devices(f'stage {stage.name} done')
     logging.info('stage %s done: %s', stage.name, result['eval'])
     if stage.name == config.stop_after:
       logging.info('stopping after %s (config.stop_after)', stage.name)

@@ -79,6 +79,17 @@ def test_rerun_skips_finished_stages(tiny_run):
   assert os.path.getmtime(os.path.join(tiny_run, 'overall_sft', 'final')) == before
 
 
+def test_stop_after_a_finished_stage_runs_nothing_after_it(tiny_run, tmp_path):
+  from experiments.distill_ablation import copy_teacher_run
+  names = [s.name for s in default.get_config('tiny').stages]
+  workdir = str(tmp_path / 'run')
+  copy_teacher_run(tiny_run, workdir, names[2:])
+  proc = cli(workdir, '--config.stop_after=overall_sft')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(os.path.join(workdir, 'summary.json')) as f:
+    assert [s['status'] for s in json.load(f)['stages']][2:] == ['pending'] * (len(names) - 2)
+
+
 def test_override_by_index(tmp_path):
   proc = cli(str(tmp_path), '--config.stages.0.steps=2', '--config.stages.1.steps=1',
              '--config.stop_after=overall_sft')
@@ -213,3 +224,16 @@ def test_sigterm_in_distill_and_grpo_then_resume_equals_uninterrupted(tiny_run, 
   for stage in ('distill', 'rl_stem'):
     jax.tree.map(np.testing.assert_array_equal, final_params(str(workdir), stage),
                  final_params(tiny_run, stage))
+
+
+def test_relative_workdir(tmp_path):
+  """`--workdir=runs/x` as in the README: checkpoints need absolute paths."""
+  env = {**os.environ, 'PYTHONPATH': ROOT}
+  proc = subprocess.run([sys.executable, '-m', 'pipeline.main',
+                         f'--config={os.path.join(ROOT, "configs/default.py")}:tiny',
+                         '--workdir=runs/relative', '--config.stop_after=cold_start_sft',
+                         '--config.stages.0.steps=2', '--config.stages.0.checkpoint_every=1',
+                         '--config.eval_untrained=False'],
+                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert os.path.isdir(tmp_path / 'runs' / 'relative' / 'cold_start_sft' / 'checkpoints' / '2')
