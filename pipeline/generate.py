@@ -18,7 +18,6 @@ from absl import app, flags
 from ml_collections import ConfigDict
 
 from data.chat import render_prompt
-from data.tokenizer import Tokenizer
 from pipeline import checkpoint, runner, sampling, sharding
 from pipeline import state as state_lib
 
@@ -44,7 +43,7 @@ class Chat:
       raise ValueError(f'--stage={stage!r} is not a stage of {workdir}: {sorted(stages)}')
     if stages[stage]['kind'] == 'reward_model':
       raise ValueError(f'--stage={stage!r} is a reward model, not a policy to sample from')
-    self.tokenizer = Tokenizer.load(os.path.join(workdir, 'tokenizer', 'tokenizer.model'))
+    self.tokenizer = runner.load_tokenizer(os.path.join(workdir, 'tokenizer'))
     model_cfg = runner.model_configs(config, self.tokenizer.vocab_size)[stages[stage]['model']]
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     self.spec = state_lib.model_spec(model_cfg, mesh, ())
