@@ -111,8 +111,11 @@ def _rendezvous(launch: Launch) -> None:
               f'process 0: processes {missing} of {launch.num_processes} did not connect to '
               f'{launch.coordinator_address} within {launch.timeout_s} s; start every process '
               'with the same coordinator address and number of processes') from None
-        conn.settimeout(launch.timeout_s)
-        peers[int(conn.recv(16).decode())] = conn
+        conn.settimeout(max(deadline - time.monotonic(), 0.01))
+        try:
+          peers[int(conn.recv(16).decode())] = conn
+        except (OSError, ValueError):  # a peer that connected and died: it may retry
+          conn.close()
       for conn in peers.values():
         conn.sendall(b'go')
         conn.close()
