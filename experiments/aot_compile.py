@@ -69,19 +69,7 @@ PRESETS = {
 }
 STEPS = ('sft', 'distill', 'grpo')
 
-_MODEL = flags.DEFINE_enum('model', '7b', list(PRESETS), 'The model trained (and the teacher).')
-_STUDENT = flags.DEFINE_enum('student', '1b', list(PRESETS), 'The distillation student.')
-_VOCAB = flags.DEFINE_integer('vocab_size', 32000, 'Vocabulary V (shared by both models).')
-_DEVICES = flags.DEFINE_integer('devices', 8, 'Devices of the target (emulated on CPU).')
-_MESH = flags.DEFINE_string('mesh', '1,-1,1', "('data', 'fsdp', 'tensor') sizes; one may be -1.")
-_BATCH = flags.DEFINE_integer('batch_size', 0, 'Global batch B (0 = one row per device).')
-_SEQ = flags.DEFINE_integer('seq_len', 2048, 'Tokens per row T.')
-_DTYPE = flags.DEFINE_enum('dtype', 'bfloat16', ['float32', 'bfloat16'], 'Compute dtype.')
-_REMAT = flags.DEFINE_enum('remat', 'nothing', ['off', *REMAT_POLICIES],
-                           "Rematerialise each block: 'off' or a ModelConfig.remat_policy.")
-_SCAN = flags.DEFINE_bool('scan_layers', True, 'Scan over stacked layers (ModelConfig.scan_layers).')
-_STEPS = flags.DEFINE_list('steps', list(STEPS), f'Which train steps to compile, of {STEPS}.')
-_OUT = flags.DEFINE_string('out', 'experiments/results/aot_compile.json', 'JSON output.')
+FLAGS = flags.FLAGS
 
 
 def model_config(preset: str, *, vocab_size: int, dtype: str, remat: str,
@@ -214,35 +202,50 @@ def markdown(results: dict, header: str) -> str:
 
 def main(argv):
   del argv
-  if jax.device_count() != _DEVICES.value:
-    raise ValueError(f'--devices={_DEVICES.value} but jax sees {jax.device_count()} devices; '
+  if jax.device_count() != FLAGS.devices:
+    raise ValueError(f'--devices={FLAGS.devices} but jax sees {jax.device_count()} devices; '
                      'run this as `python -m experiments.aot_compile` so it can set XLA_FLAGS')
   try:
-    shape = tuple(int(s) for s in _MESH.value.split(','))
+    shape = tuple(int(s) for s in FLAGS.mesh.split(','))
   except ValueError:
-    raise ValueError(f'--mesh={_MESH.value!r}: expected three integers, e.g. 1,64,1') from None
+    raise ValueError(f'--mesh={FLAGS.mesh!r}: expected three integers, e.g. 1,64,1') from None
   mesh = sharding.make_mesh(shape)
   rules = common.DEFAULT_RULES
-  kwargs = dict(vocab_size=_VOCAB.value, dtype=_DTYPE.value, remat=_REMAT.value,
-                scan_layers=_SCAN.value)
-  model = model_config(_MODEL.value, **kwargs)
-  student = model_config(_STUDENT.value, **kwargs)
-  batch_size = _BATCH.value or jax.device_count()
+  kwargs = dict(vocab_size=FLAGS.vocab_size, dtype=FLAGS.dtype, remat=FLAGS.remat,
+                scan_layers=FLAGS.scan_layers)
+  model = model_config(FLAGS.model, **kwargs)
+  student = model_config(FLAGS.student, **kwargs)
+  batch_size = FLAGS.batch_size or jax.device_count()
   results = compile_steps(model, student, mesh, rules, batch_size=batch_size,
-                          seq_len=_SEQ.value, steps=tuple(_STEPS.value))
-  header = (f'{_MODEL.value} ({model.num_params() / 1e9:.2f}B params; distill student '
-            f'{_STUDENT.value}, {student.num_params() / 1e9:.2f}B) on {jax.device_count()} '
+                          seq_len=FLAGS.seq_len, steps=tuple(FLAGS.steps))
+  header = (f'{FLAGS.model} ({model.num_params() / 1e9:.2f}B params; distill student '
+            f'{FLAGS.student}, {student.num_params() / 1e9:.2f}B) on {jax.device_count()} '
             f'devices, mesh (data, fsdp, tensor) = {tuple(mesh.shape.values())}, '
-            f'B={batch_size} x T={_SEQ.value}, {_DTYPE.value} compute, float32 params + AdamW, '
-            f'remat={_REMAT.value}, scan_layers={_SCAN.value}; bytes per device:')
+            f'B={batch_size} x T={FLAGS.seq_len}, {FLAGS.dtype} compute, float32 params + AdamW, '
+            f'remat={FLAGS.remat}, scan_layers={FLAGS.scan_layers}; bytes per device:')
   print(markdown(results, header))
-  os.makedirs(os.path.dirname(_OUT.value), exist_ok=True)
-  with open(_OUT.value, 'w') as f:
+  os.makedirs(os.path.dirname(FLAGS.out), exist_ok=True)
+  with open(FLAGS.out, 'w') as f:
     json.dump({'command': ' '.join(sys.argv), 'model': dataclasses.asdict(model),
                'student': dataclasses.asdict(student), 'mesh': tuple(mesh.shape.values()),
-               'batch_size': batch_size, 'seq_len': _SEQ.value, 'steps': results}, f, indent=2)
-  print(f'wrote {_OUT.value}')
+               'batch_size': batch_size, 'seq_len': FLAGS.seq_len, 'steps': results}, f, indent=2)
+  print(f'wrote {FLAGS.out}')
 
 
 if __name__ == '__main__':
+  # Defined here, not at import: tests import this module next to others
+  # whose flags share names.
+  flags.DEFINE_enum('model', '7b', list(PRESETS), 'The model trained (and the teacher).')
+  flags.DEFINE_enum('student', '1b', list(PRESETS), 'The distillation student.')
+  flags.DEFINE_integer('vocab_size', 32000, 'Vocabulary V (shared by both models).')
+  flags.DEFINE_integer('devices', 8, 'Devices of the target (emulated on CPU).')
+  flags.DEFINE_string('mesh', '1,-1,1', "('data', 'fsdp', 'tensor') sizes; one may be -1.")
+  flags.DEFINE_integer('batch_size', 0, 'Global batch B (0 = one row per device).')
+  flags.DEFINE_integer('seq_len', 2048, 'Tokens per row T.')
+  flags.DEFINE_enum('dtype', 'bfloat16', ['float32', 'bfloat16'], 'Compute dtype.')
+  flags.DEFINE_enum('remat', 'nothing', ['off', *REMAT_POLICIES],
+                    "Rematerialise each block: 'off' or a ModelConfig.remat_policy.")
+  flags.DEFINE_bool('scan_layers', True, 'Scan over stacked layers (ModelConfig.scan_layers).')
+  flags.DEFINE_list('steps', list(STEPS), f'Which train steps to compile, of {STEPS}.')
+  flags.DEFINE_string('out', 'experiments/results/aot_compile.json', 'JSON output.')
   app.run(main)

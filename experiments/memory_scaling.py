@@ -36,11 +36,7 @@ from pipeline import sharding
 from pipeline import state as state_lib
 from pipeline.optim import make_optimizer
 
-_FSDP = flags.DEFINE_list('fsdp', ['1', '2', '4', '8'], 'FSDP sizes to measure.')
-_D_MODEL = flags.DEFINE_integer('d_model', 512, 'Model width D.')
-_LAYERS = flags.DEFINE_integer('num_layers', 4, 'Layers L.')
-_VOCAB = flags.DEFINE_integer('vocab_size', 4096, 'Vocabulary V.')
-_OUT = flags.DEFINE_string('out', 'experiments/results/memory_scaling.json', 'JSON output.')
+FLAGS = flags.FLAGS
 
 
 def model_config(d_model: int, num_layers: int, vocab_size: int) -> ModelConfig:
@@ -109,18 +105,25 @@ def markdown(rows: list[dict], cfg: ModelConfig) -> str:
 
 def main(argv):
   del argv
-  cfg = model_config(_D_MODEL.value, _LAYERS.value, _VOCAB.value)
+  cfg = model_config(FLAGS.d_model, FLAGS.num_layers, FLAGS.vocab_size)
   devices = jax.devices()
-  fsdps = [int(f) for f in _FSDP.value]
+  fsdps = [int(f) for f in FLAGS.fsdp]
   if max(fsdps) > len(devices):
     raise ValueError(f'--fsdp={max(fsdps)} needs that many devices; {len(devices)} exist')
   rows = scaling_table(cfg, fsdps, devices[:max(fsdps)])
   print(markdown(rows, cfg))
-  os.makedirs(os.path.dirname(_OUT.value), exist_ok=True)
-  with open(_OUT.value, 'w') as f:
+  os.makedirs(os.path.dirname(FLAGS.out), exist_ok=True)
+  with open(FLAGS.out, 'w') as f:
     json.dump({'model': cfg.__dict__, 'num_params': cfg.num_params(), 'rows': rows}, f, indent=2)
-  print(f'wrote {_OUT.value}')
+  print(f'wrote {FLAGS.out}')
 
 
 if __name__ == '__main__':
+  # Defined here, not at import: tests import this module next to others
+  # whose flags share names.
+  flags.DEFINE_list('fsdp', ['1', '2', '4', '8'], 'FSDP sizes to measure.')
+  flags.DEFINE_integer('d_model', 512, 'Model width D.')
+  flags.DEFINE_integer('num_layers', 4, 'Layers L.')
+  flags.DEFINE_integer('vocab_size', 4096, 'Vocabulary V.')
+  flags.DEFINE_string('out', 'experiments/results/memory_scaling.json', 'JSON output.')
   app.run(main)
