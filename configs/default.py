@@ -80,7 +80,7 @@ def get_config(arg: str | None = None):
   chat_prompts = {'chat': overall['chat']}
   rm_data = {'chat': overall['chat'], 'reasoning': distill_data['reasoning']}
   max_new = 16 if tiny else 192  # level-2 traces run to ~220 tokens
-  rl_steps = 2 if tiny else 40
+  rl_steps, rl_lr = (2, 2e-4) if tiny else (40, 5e-5)
   filter_k, filter_candidates = (4, 8) if tiny else (16, 256)
   rl_shape = dict(prompts_per_step=2, group_size=4, seq_len=128) if tiny else dict(
       prompts_per_step=8, group_size=8, seq_len=320)
@@ -101,12 +101,14 @@ def get_config(arg: str | None = None):
                            num_pair_prompts=16 if tiny else 256,
                            curriculum=((0.0, 0), (0.25, 1), (0.5, 2)),
                            eval_max_new_tokens=max_new),
+      # lr 5e-5: at 2e-4 the distilled student's held-out math fell 0.42 -> 0.34
+      # in 40 steps (entropy collapsed, traces shortened); at 5e-5 it rose to 0.45.
       common.grpo_stage('rl_stem', model='student', steps=rl_steps, sources=distill_data_stem,
-                        rewards={'stem': 1.0, 'format': 0.1, 'overlong': 0.1},
+                        rewards={'stem': 1.0, 'format': 0.1, 'overlong': 0.1}, lr=rl_lr,
                         max_new_tokens=max_new, filter_k=filter_k,
                         filter_candidates=filter_candidates, **rl_shape),
       common.grpo_stage('rl_code', model='student', steps=rl_steps, sources=code_prompts,
-                        rewards={'code': 1.0, 'format': 0.1, 'overlong': 0.1},
+                        rewards={'code': 1.0, 'format': 0.1, 'overlong': 0.1}, lr=rl_lr,
                         max_new_tokens=max_new, filter_k=filter_k,
                         filter_candidates=filter_candidates, **rl_shape),
       common.reward_model_stage('reward_model', model='student', steps=steps // 2,

@@ -304,15 +304,31 @@ def run(cfg, ctx: loop.StageContext) -> dict:
   batch_sharding = sharding.batch_sharding(ctx.mesh, ctx.rules)
   step = functools.partial(train_step, student=student, teacher=teacher, tx=tx,
                            schedule=schedule, loss_cfg=loss_cfg)
-  jitted = jax.jit(step, in_shardings=(shardings, teacher.param_shardings, batch_sharding,
-                                       batch_sharding), out_shardings=(shardings, None),
-                   donate_argnums=0)
+  jit = lambda fn: jax.jit(fn, in_shardings=(shardings, teacher.param_shardings,
+                                              batch_sharding, batch_sharding),
+                            out_shardings=(shardings, None), donate_argnums=0)
+  jitted = jit(step)
+  on_policy = _on_policy(cfg, data.all_train(), ctx.tokenizer, ctx.seed)
+  # The student's own samples are not labels: no CE on on-policy steps.
+  jitted_on_policy = jit(functools.partial(
+      step, loss_cfg=dataclasses.replace(loss_cfg, ce_weight=0.0)))
   pair_count = cfg.pairs.per_step
 
   def step_fn(state, batch):
-    step_pairs = (pairs.take(int(state['step']), pair_count) if pairs is not None
-                  else _empty_pairs(pair_count))
-    return jitted(state, teacher_params, batch, sharding.shard_global_batch(step_pairs, batch_sharding))
+    step = int(state['step'])
+    # Pairs and on-policy samples are computed whole on every process.
+    step_pairs = sharding.shard_global_batch(
+        pairs.take(step, pair_count) if pairs is not None else _empty_pairs(pair_count),
+        batch_sharding)
+    if on_policy is None:
+      return jitted(state, teacher_params, batch, step_pairs)
+    if on_policy.chosen(step):
+      sampled = sharding.shard_global_batch(on_policy.batch(student, state['params'], step),
+                                            batch_sharding)
+      new_state, metrics = jitted_on_policy(state, teacher_params, sampled, step_pairs)
+      return new_state, {**metrics, 'on_policy': 1.0}
+    new_state, metrics = jitted(state, teacher_params, batch, step_pairs)
+    return new_state, {**metrics, 'on_policy': 0.0}
 
   train_iter = stage_data.train_iterator(data, ctx.tokenizer, cfg, seed=ctx.seed)
   state, history = loop.train_loop(

@@ -237,3 +237,10 @@ def test_relative_workdir(tmp_path):
                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert os.path.isdir(tmp_path / 'runs' / 'relative' / 'cold_start_sft' / 'checkpoints' / '2')
+
+
+def test_tiny_distill_takes_on_policy_steps(tiny_run):
+  """The tiny config sets GKD's λ = 0.5: some logged steps are on-policy."""
+  with open(os.path.join(tiny_run, 'distill', 'history.json')) as f:
+    flags = [row['on_policy'] for row in json.load(f)]
+  assert len(flags) == 8 and set(flags) == {0.0, 1.0}  # seeded: both kinds occur
