@@ -112,6 +112,7 @@ def main(argv):
     rows.append({'variant': variant, 'weights': dict(ce=ce, logit=logit, hidden=hidden,
                                                      preference=pref),
                  'eval': stage['eval'], 'wall_s': stage['wall_s'],
+                 'final_loss': [h['loss'] for h in history if 'loss' in h][-1],
                  'curve': [(h['step'], h['eval/accuracy']) for h in history
                            if 'eval/accuracy' in h]})
   with open(os.path.join(root, 'base', 'summary.json')) as f:
@@ -130,7 +131,7 @@ def write_outputs(root: str, rows: list[dict], teacher_eval: dict) -> None:
     lines.append(f"| {r['variant']} | {w['ce']:g} / {w['logit']:g} / {w['hidden']:g} / "
                  f"{w['preference']:g} | " +
                  ' | '.join(fmt(r['eval'].get(c, '-')) for c in COLUMNS) +
-                 f" | {fmt(r['eval'].get('final_loss', '-'))} | {r['wall_s']:.0f} |")
+                 f" | {fmt(r['final_loss'])} | {r['wall_s']:.0f} |")
   table = '\n'.join(lines) + '\n'
   print(table)
   with open(os.path.join(root, 'ablation.md'), 'w') as f:

@@ -346,9 +346,10 @@ def run(cfg, ctx: loop.StageContext) -> dict:
                                  ctx.tokenizer, ctx.eval_records, cfg.eval))
   if pairs is not None:
     metrics.update({f'pairs/{k}': v for k, v in pairs.stats.items()})
-  if history:
-    metrics.update({f'final_{k}': history[-1][k] for k in ('loss', 'ce', 'logit_kl', 'hidden',
-                                                           'preference') if k in history[-1]})
+  train_rows = [row for row in history if 'loss' in row]  # not the eval-only rows
+  if train_rows:
+    metrics.update({f'final_{k}': train_rows[-1][k] for k in
+                    ('loss', 'ce', 'logit_kl', 'hidden', 'preference') if k in train_rows[-1]})
   return {'steps': cfg.steps, 'eval': metrics, 'history': history}
 
 
