@@ -22,11 +22,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 from absl import app, flags
+
+from pipeline import runner
 
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/distill_ablation', 'Output folder.')
 _CONFIG = flags.DEFINE_string('config', 'configs/default.py', 'Pipeline config (with a distill stage).')
@@ -70,20 +71,6 @@ def _run(workdir: str, overrides: list[str]) -> None:
   subprocess.run(cmd, check=True)
 
 
-def copy_teacher_run(base: str, target: str, dropped: list[str]) -> None:
-  """A variant starts as the base run without the distill stage and the ones after."""
-  if os.path.exists(os.path.join(target, 'summary.json')):
-    return  # resuming the ablation
-  shutil.copytree(base, target, ignore=shutil.ignore_patterns(*dropped))
-  with open(os.path.join(target, 'summary.json')) as f:
-    summary = json.load(f)
-  for stage in summary['stages']:
-    if stage['name'] in dropped:
-      stage.update(status='pending', steps=0, wall_s=0.0, eval={})
-  with open(os.path.join(target, 'summary.json'), 'w') as f:
-    json.dump(summary, f, indent=2)
-
-
 def main(argv):
   del argv
   index, names = _distill_stage(_CONFIG.value)
@@ -91,7 +78,7 @@ def main(argv):
   root = _WORKDIR.value
   base = os.path.join(root, 'base')
   if _BASE.value:
-    copy_teacher_run(_BASE.value, base, dropped)
+    runner.copy_run_without(_BASE.value, base, dropped)
   # The base run: the stages before distill (the teacher).
   _run(base, [f'--config.stop_after={teacher_stage}'])
   budget = [f'--config.stages.{index}.steps={_STEPS.value}'] if _STEPS.value else []
@@ -99,7 +86,7 @@ def main(argv):
   rows = []
   for variant, ce, logit, hidden, pref in VARIANTS:
     workdir = os.path.join(root, variant)
-    copy_teacher_run(base, workdir, dropped)
+    runner.copy_run_without(base, workdir, dropped)
     s = f'--config.stages.{index}'
     _run(workdir, [f'{s}.loss.ce_weight={ce}', f'{s}.loss.logit_weight={logit}',
                    f'{s}.loss.hidden_weight={hidden}', f'{s}.loss.preference_weight={pref}',

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import tempfile
 import time
 
@@ -343,3 +344,18 @@ def run_pipeline(config, workdir: str) -> dict:
       logging.info('stopping after %s (config.stop_after)', stage.name)
       break
   return {'stages': summary.stages}
+
+
+def copy_run_without(base: str, target: str, dropped: list[str]) -> None:
+  """Copies a run's folder without the `dropped` stages, which its summary marks
+  pending, so running the copy re-runs them from the kept stages (ablations)."""
+  if os.path.exists(os.path.join(target, 'summary.json')):
+    return  # resuming the ablation
+  shutil.copytree(base, target, ignore=shutil.ignore_patterns(*dropped))
+  with open(os.path.join(target, 'summary.json')) as f:
+    summary = json.load(f)
+  for stage in summary['stages']:
+    if stage['name'] in dropped:
+      stage.update(status='pending', steps=0, wall_s=0.0, eval={})
+  with open(os.path.join(target, 'summary.json'), 'w') as f:
+    json.dump(summary, f, indent=2)

@@ -80,10 +80,9 @@ def test_rerun_skips_finished_stages(tiny_run):
 
 
 def test_stop_after_a_finished_stage_runs_nothing_after_it(tiny_run, tmp_path):
-  from experiments.distill_ablation import copy_teacher_run
   names = [s.name for s in default.get_config('tiny').stages]
   workdir = str(tmp_path / 'run')
-  copy_teacher_run(tiny_run, workdir, names[2:])
+  runner.copy_run_without(tiny_run, workdir, names[2:])
   proc = cli(workdir, '--config.stop_after=overall_sft')
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(os.path.join(workdir, 'summary.json')) as f:
@@ -202,10 +201,9 @@ def test_sigterm_in_distill_and_grpo_then_resume_equals_uninterrupted(tiny_run, 
   """Preempted mid-distill (GKD on-policy steps included) and mid-GRPO, the
   resumed run ends with the very params of the uninterrupted one: rng, data
   position, pairs, on-policy choices and filter state all resume."""
-  from experiments.distill_ablation import copy_teacher_run
   names = [s.name for s in default.get_config('tiny').stages]
   workdir = tmp_path / 'run'
-  copy_teacher_run(tiny_run, str(workdir), names[2:])
+  runner.copy_run_without(tiny_run, str(workdir), names[2:])
   overrides = ['--config.stop_after=rl_stem', '--config.stages.2.log_every=1',
                '--config.stages.3.log_every=1']
   for stage, total in (('distill', 8), ('rl_stem', 2)):
