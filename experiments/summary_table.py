@@ -18,7 +18,21 @@ COLUMNS = (
 )
 
 
-def table(summary: dict) -> str:
+def reward_trend(workdir: str, stage: str, window: int = 5) -> tuple[float, float] | None:
+  """Mean training reward over the first and the last `window` logged steps
+  (single steps are too noisy: each samples different prompts)."""
+  path = os.path.join(workdir, stage, 'history.json')
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    rewards = [row['reward_mean'] for row in json.load(f) if 'reward_mean' in row]
+  if not rewards:
+    return None
+  mean = lambda xs: sum(xs) / len(xs)
+  return mean(rewards[:window]), mean(rewards[-window:])
+
+
+def table(summary: dict, workdir: str | None = None) -> str:
   fmt = lambda v: '-' if v is None else (f'{v:.3f}' if v < 100 else f'{v:,.0f}')
   head = '| stage | kind | ' + ' | '.join(c[1] for c in COLUMNS) + ' | wall s | notes |'
   lines = [head, '|' + '---|' * (len(COLUMNS) + 4)]
@@ -34,7 +48,10 @@ def table(summary: dict) -> str:
     if 'size_ratio' in ev:
       notes.append(f"student/teacher params {ev['size_ratio']:.2f}, "
                    f"sampling {ev['speedup']:.1f}x faster")
-    if 'train_reward_first' in ev:
+    trend = reward_trend(workdir, name) if workdir else None
+    if trend:
+      notes.append(f"train reward {trend[0]:.2f} -> {trend[1]:.2f} (first/last 5 logs)")
+    elif 'train_reward_first' in ev:
       notes.append(f"train reward {ev['train_reward_first']:.2f} -> {ev['train_reward_last']:.2f}")
     if 'pairwise_accuracy' in ev:
       notes.append(f"held-out pairwise acc {ev['pairwise_accuracy']:.3f} "
@@ -50,7 +67,7 @@ def table(summary: dict) -> str:
 def main() -> None:
   workdir = sys.argv[1] if len(sys.argv) > 1 else 'runs/default'
   with open(os.path.join(workdir, 'summary.json')) as f:
-    print(table(json.load(f)))
+    print(table(json.load(f), workdir))
 
 
 if __name__ == '__main__':
