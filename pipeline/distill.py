@@ -214,12 +214,13 @@ class OnPolicy:
     samples = sampling.generate(spec, params, prompts, self.sample_cfg,
                                 rng=jax.random.fold_in(jax.random.key(self.seed), step),
                                 end_id=self.end_id, pad_id=self.pad_id)
-    rows = [sampling.prompt_completion_row(p, sampling.completion_ids(samples, i), self.seq_len)
-            for i, p in enumerate(prompts)]
+    completions = [sampling.completion_ids(samples, i) for i in range(len(prompts))]
+    rows = [sampling.prompt_completion_row(p, c, self.seq_len)
+            for p, c in zip(prompts, completions)]
     batch = {k: np.stack([r[k] for r in rows]) for k in ('inputs', 'targets', 'positions')}
     batch['loss_mask'] = np.stack([r['mask'] for r in rows])
-    lengths = np.array([min(len(p) + len(sampling.completion_ids(samples, i)) - 1, self.seq_len)
-                        for i, p in enumerate(prompts)])
+    lengths = np.array([min(len(p) + len(c) - 1, self.seq_len)
+                        for p, c in zip(prompts, completions)])
     batch['segment_ids'] = (np.arange(self.seq_len) < lengths[:, None]).astype(np.int32)
     return batch
 
