@@ -347,10 +347,9 @@ def run(cfg, ctx: loop.StageContext) -> dict:
                                  ctx.tokenizer, ctx.eval_records, cfg.eval))
   if pairs is not None:
     metrics.update({f'pairs/{k}': v for k, v in pairs.stats.items()})
-  train_rows = [row for row in history if 'loss' in row]  # not the eval-only rows
-  if train_rows:
-    metrics.update({f'final_{k}': train_rows[-1][k] for k in
-                    ('loss', 'ce', 'logit_kl', 'hidden', 'preference') if k in train_rows[-1]})
+  if rows := loop.train_rows(history):
+    metrics.update({f'final_{k}': rows[-1][k] for k in
+                    ('loss', 'ce', 'logit_kl', 'hidden', 'preference') if k in rows[-1]})
   return {'steps': cfg.steps, 'eval': metrics, 'history': history}
 
 

@@ -255,7 +255,9 @@ def run(cfg, ctx: loop.StageContext) -> dict:
                  in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
                  donate_argnums=0)
   logp_fn = jax.jit(lambda p, b: policy_log_probs(p, b, spec, gcfg.temperature)[0])
-  ref_params = params if gcfg.beta > 0 else None  # β = 0: no reference kept
+  # β = 0: no reference kept. A copy: the step donates the state, whose params
+  # are these very buffers.
+  ref_params = jax.tree.map(jnp.copy, params) if gcfg.beta > 0 else None
   prompt_iter = PromptIterator(prompts, cfg.prompts_per_step, ctx.seed)
   g = gcfg.group_size
 
@@ -316,7 +318,7 @@ def run(cfg, ctx: loop.StageContext) -> dict:
   metrics = evaluate.evaluate(spec, state['params'], ctx.tokenizer, ctx.eval_records, cfg.eval,
                               seed=ctx.seed)
   metrics.update({f'filter/{k}': v for k, v in filter_stats.items()})
-  if history:
-    metrics['train_reward_first'] = history[0]['reward_mean']
-    metrics['train_reward_last'] = history[-1]['reward_mean']
+  if rows := loop.train_rows(history):
+    metrics['train_reward_first'] = rows[0]['reward_mean']
+    metrics['train_reward_last'] = rows[-1]['reward_mean']
   return {'steps': cfg.steps, 'eval': metrics, 'history': history}

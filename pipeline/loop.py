@@ -92,6 +92,12 @@ class MetricsWriter:
       self._bar.close()
 
 
+def train_rows(history: list[dict]) -> list[dict]:
+  """The training-step rows of a stage's history (not the held-out eval rows
+  that `eval_every` interleaves)."""
+  return [row for row in history if not any(k.startswith('eval/') for k in row)]
+
+
 def train_loop(ctx: StageContext, *, state, step_fn: Callable, data_iter: Iterator,
                total_steps: int, checkpoint_every: int, log_every: int,
                tokens_per_step: int, batch_sharding=None,

@@ -442,8 +442,8 @@ def run(cfg, ctx: loop.StageContext) -> dict:
     with open(os.path.join(ctx.stage_dir, INFO_FILE), 'w') as f:
       json.dump({'seq_len': cfg.seq_len, 'reward_mean': metrics.get('reward_mean', 0.0),
                  'reward_std': metrics.get('reward_std', 1.0), 'eval': metrics}, f, indent=2)
-  if history:
-    metrics['final_train_loss'] = history[-1]['loss']
+  if rows := loop.train_rows(history):
+    metrics['final_train_loss'] = rows[-1]['loss']
   return {'steps': cfg.steps, 'eval': metrics, 'history': history}
 
 

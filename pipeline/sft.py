@@ -119,6 +119,6 @@ def run(cfg, ctx: loop.StageContext) -> dict:
   checkpoint.write_model_meta(ctx.stage_dir, ctx.tokenizer, spec.config)
   metrics = evaluate.evaluate(spec, state['params'], ctx.tokenizer, ctx.eval_records, cfg.eval,
                               seed=ctx.seed)
-  if history:
-    metrics['final_train_loss'] = history[-1]['loss']
+  if rows := loop.train_rows(history):
+    metrics['final_train_loss'] = rows[-1]['loss']
   return {'steps': cfg.steps, 'eval': metrics, 'history': history}

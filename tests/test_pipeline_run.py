@@ -242,3 +242,18 @@ def test_tiny_distill_takes_on_policy_steps(tiny_run):
   with open(os.path.join(tiny_run, 'distill', 'history.json')) as f:
     flags = [row['on_policy'] for row in json.load(f)]
   assert len(flags) == 8 and set(flags) == {0.0, 1.0}  # seeded: both kinds occur
+
+
+def test_grpo_with_kl_to_the_reference(tiny_run, tmp_path):
+  """β > 0 keeps the starting params as the reference, apart from the train
+  state's buffers, which each step donates (a shared buffer was deleted by
+  the first update)."""
+  names = [s.name for s in default.get_config('tiny').stages]
+  workdir = tmp_path / 'run'
+  runner.copy_run_without(tiny_run, str(workdir), names[3:])
+  proc = cli(str(workdir), '--config.stop_after=rl_stem', '--config.stages.3.grpo.beta=0.1',
+             '--config.stages.3.log_every=1')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(workdir / 'rl_stem' / 'history.json') as f:
+    kls = [row['kl_ref'] for row in json.load(f)]
+  assert len(kls) == 2 and all(np.isfinite(kls)) and kls[0] == 0.0 <= kls[1]
