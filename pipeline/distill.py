@@ -342,7 +342,7 @@ def run(cfg, ctx: loop.StageContext) -> dict:
   checkpoint.save_params(os.path.join(ctx.stage_dir, 'final'), state['params'])
   checkpoint.write_model_meta(ctx.stage_dir, ctx.tokenizer, student.config)
   metrics = evaluate.evaluate(student, state['params'], ctx.tokenizer, ctx.eval_records,
-                              cfg.eval, seed=ctx.seed)
+                              cfg.eval, seed=ctx.seed, items_path=ctx.eval_items_path)
   metrics.update(_size_and_speed(student, state['params'], teacher, teacher_params,
                                  ctx.tokenizer, ctx.eval_records, cfg.eval))
   if pairs is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import json
 from typing import Sequence
 
 import jax
@@ -120,11 +121,29 @@ def perplexity(spec: state_lib.ModelSpec, params, tokenizer, records: Sequence[d
   return float(np.exp(total_nll / max(total_tokens, 1.0)))
 
 
+def write_items(path: str, records: Sequence[dict], scores: Sequence[float],
+                completions: Sequence[str]) -> None:
+  """One JSON line per scored item: what paired comparisons of two stages
+  (experiments/paired_gain.py) and a reader of the completions need."""
+  with open(path, 'w') as f:
+    for record, score, completion in zip(records, scores, completions):
+      f.write(json.dumps({'id': record['id'], 'task': record['task'],
+                          'level': record.get('level'), 'score': score,
+                          'completion': completion}) + '\n')
+
+
+def read_items(path: str) -> dict[str, dict]:
+  """write_items' file as {id: item}."""
+  with open(path) as f:
+    return {item['id']: item for item in map(json.loads, f)}
+
+
 def evaluate(spec: state_lib.ModelSpec, params, tokenizer, records: Sequence[dict], cfg,
-             *, seed: int = 0) -> dict[str, float]:
+             *, seed: int = 0, items_path: str | None = None) -> dict[str, float]:
   """Held-out metrics of one model on a stage's eval records.
 
   cfg: the stage's `eval` config (max_new_tokens, batch_size, max_chat_len).
+  items_path: where to write the per-item scores and completions (write_items).
   """
   chats = [r for r in records if r['task'] == 'chat']
   generated = [r for r in records if r['task'] != 'chat']
@@ -133,7 +152,10 @@ def evaluate(spec: state_lib.ModelSpec, params, tokenizer, records: Sequence[dic
     completions = generate_answers(spec, params, tokenizer, generated,
                                    max_new_tokens=cfg.max_new_tokens,
                                    batch_size=cfg.batch_size, seed=seed)
-    metrics.update(summarize(generated, score_completions(generated, completions)))
+    scores = score_completions(generated, completions)
+    metrics.update(summarize(generated, scores))
+    if items_path:
+      write_items(items_path, generated, scores, completions)
   if chats:
     metrics['perplexity/chat'] = perplexity(spec, params, tokenizer, chats,
                                             batch_size=cfg.batch_size, max_len=cfg.max_chat_len)

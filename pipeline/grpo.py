@@ -316,7 +316,7 @@ def run(cfg, ctx: loop.StageContext) -> dict:
   checkpoint.save_params(os.path.join(ctx.stage_dir, 'final'), state['params'])
   checkpoint.write_model_meta(ctx.stage_dir, ctx.tokenizer, spec.config)
   metrics = evaluate.evaluate(spec, state['params'], ctx.tokenizer, ctx.eval_records, cfg.eval,
-                              seed=ctx.seed)
+                              seed=ctx.seed, items_path=ctx.eval_items_path)
   metrics.update({f'filter/{k}': v for k, v in filter_stats.items()})
   if rows := loop.train_rows(history):
     metrics['train_reward_first'] = rows[0]['reward_mean']

@@ -8,6 +8,7 @@ that no stage re-implements checkpointing or logging.
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
 import sys
 import time
@@ -19,6 +20,10 @@ from absl import logging
 
 from pipeline import sharding
 from pipeline.checkpoint import StageCheckpointer
+
+
+# Per held-out item: id, task, level, score and the completion (JSON lines).
+EVAL_ITEMS_FILE = 'eval_items.jsonl'
 
 
 class Preempted(Exception):
@@ -57,6 +62,11 @@ class StageContext:
   reward_model_path: str | None = None  # GRPO's preference reward: the RM's final params
   reward_model_name: str | None = None  # ... and its model (a key of models)
   is_logger: bool = True  # process 0 writes logs and summaries
+
+  @property
+  def eval_items_path(self) -> str | None:
+    """Where the stage's final evaluation writes its per-item scores (process 0)."""
+    return os.path.join(self.stage_dir, EVAL_ITEMS_FILE) if self.is_logger else None
 
 
 class MetricsWriter:

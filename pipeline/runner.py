@@ -6,7 +6,9 @@ workdir/
   summary.json          {"stages": [{"name", "kind", "status", "steps", "wall_s", "eval"}],
                          "untrained": {"model", "eval"}}  (the baseline)
   tokenizer/            the sentencepiece model trained on the run's corpus
-  <stage name>/         checkpoints/, final/, tensorboard/, eval.md
+  <stage name>/         checkpoints/, final/, tensorboard/, eval.md, history.json,
+                        eval_items.jsonl (per held-out item: score, completion)
+  untrained/            eval_items.jsonl of the baseline
   hf_init/<model>/final a Hugging Face checkpoint converted to our params, once
                         (models with `hf_checkpoint`; the tokenizer folder then
                         holds that checkpoint's tokenizer files instead)
@@ -267,8 +269,12 @@ def _eval_untrained(config, models, mesh, rules, tokenizer, eval_records, workdi
       params = checkpoint.load_params(path, state_lib.abstract_params(spec))
     else:
       params = state_lib.init_params(spec, config.seed)
+    items_path = None
+    if jax.process_index() == 0:
+      os.makedirs(os.path.join(workdir, 'untrained'), exist_ok=True)
+      items_path = os.path.join(workdir, 'untrained', loop.EVAL_ITEMS_FILE)
     metrics = evaluate.evaluate(spec, params, tokenizer, eval_records, first.eval,
-                                seed=config.seed)
+                                seed=config.seed, items_path=items_path)
   logging.info('untrained %s: %s', first.model, metrics)
   return {'model': first.model, 'eval': metrics}
 

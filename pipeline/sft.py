@@ -118,7 +118,7 @@ def run(cfg, ctx: loop.StageContext) -> dict:
   checkpoint.save_params(os.path.join(ctx.stage_dir, 'final'), state['params'])
   checkpoint.write_model_meta(ctx.stage_dir, ctx.tokenizer, spec.config)
   metrics = evaluate.evaluate(spec, state['params'], ctx.tokenizer, ctx.eval_records, cfg.eval,
-                              seed=ctx.seed)
+                              seed=ctx.seed, items_path=ctx.eval_items_path)
   if rows := loop.train_rows(history):
     metrics['final_train_loss'] = rows[-1]['loss']
   return {'steps': cfg.steps, 'eval': metrics, 'history': history}

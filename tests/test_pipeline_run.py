@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from pipeline import checkpoint, runner
+from pipeline import checkpoint, evaluate, loop, runner
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = 'configs/default.py:tiny'
@@ -65,6 +65,17 @@ def test_outputs_of_a_run(tiny_run):
     assert os.path.isdir(os.path.join(stage_dir, 'final'))
     assert os.path.exists(os.path.join(stage_dir, 'eval.md'))
   assert set(summary['untrained']) == {'model', 'eval'}
+  # Per-item scores of every policy and of the baseline, on the same items.
+  item_ids = None
+  for stage in ['untrained'] + [s['name'] for s in summary['stages']
+                                if s['kind'] != 'reward_model']:
+    items = evaluate.read_items(os.path.join(tiny_run, stage, loop.EVAL_ITEMS_FILE))
+    assert all(0.0 <= item['score'] <= 1.0 and isinstance(item['completion'], str)
+               for item in items.values())
+    assert item_ids in (None, set(items)) and 'chat' not in {i['task'] for i in items.values()}
+    item_ids = set(items)
+  chats = [r for r in runner.run_data(default.get_config('tiny'))[1] if r['task'] == 'chat']
+  assert len(item_ids) == summary['untrained']['eval']['num_eval'] - len(chats)
   assert 'accuracy' in summary['untrained']['eval']
   with open(os.path.join(tiny_run, 'config.json')) as f:
     assert json.load(f)['stages'][0]['name'] == 'cold_start_sft'
