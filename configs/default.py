@@ -63,9 +63,9 @@ def get_config(arg: str | None = None):
       # to learn to copy names and arguments) and procedural tool-use traces
       # with real back ends (short, regular: where the copying is learned).
       # Copying argument values out of the question is slow to appear: from
-      # the previous default's overall-SFT teacher, tool-use-only SFT reached call accuracy 0.075 /
-      # 0.20 / 0.45 after 250 / 500 / 750 steps. At 15% of 500 steps (75
-      # steps' worth) it stayed 0; 30% of 1,500 is 450.
+      # the previous default's overall-SFT teacher, tool-use-only SFT reached
+      # call accuracy 0.075 / 0.20 / 0.45 after 250 / 500 / 750 steps. At 15%
+      # of 500 steps (75 steps' worth) it stayed 0; 30% of 1,500 is 450.
       'agent': source('agent', weight=0.05, train_size=min(n_train, 470), eval_size=n_eval),
       'tool_use': source('tool_use', weight=0.30, train_size=n_train,
                          eval_size=n_eval if tiny else 100,
@@ -119,7 +119,7 @@ def get_config(arg: str | None = None):
                         max_new_tokens=max_new, filter_k=filter_k,
                         filter_candidates=filter_candidates, **rl_shape),
       # 60 steps sampled at temperature 0.6 (set below): +6 points of code
-      # pass@1 in the probes, where 40 at 1.0 gave +1.
+      # pass@1 on the previous student, where 40 at 1.0 gave +1 (README).
       common.grpo_stage('rl_code', model='student', steps=rl_steps if tiny else 60,
                         sources=code_prompts,
                         rewards={'code': 1.0, 'format': 0.1, 'overlong': 0.1}, lr=rl_lr,
@@ -132,9 +132,10 @@ def get_config(arg: str | None = None):
                         max_new_tokens=max_new // 3, reward_model='reward_model',
                         **rl_shape),
   ]
-  # A KL anchor on the learned reward (the report uses none), and the RL lr:
-  # 20 steps at 2e-4 lowered held-out math 0.296 -> 0.252 without it, and
-  # 0.365 -> 0.165 with it (the KL grew to 0.19 nats a token).
+  # A KL anchor on the learned reward (the report uses none). Neither it nor
+  # the lower lr stops the damage (README): 20 steps lowered held-out math
+  # 0.296 -> 0.252 at 2e-4 without it, 0.365 -> 0.165 at 2e-4 with it and
+  # 0.365 -> 0.197 at 5e-5 with it; the policy games the reward by brevity.
   config.stages[-1].grpo.beta = 0.1
   config.stages[4].grpo.temperature = 0.6  # rl_code: rollouts, pass-rate filter, log-probs
   # Preference is not verifiable: no pass-rate band to filter by.
