@@ -74,7 +74,8 @@ def table(base: str, results: dict[str, dict[str, dict]]) -> str:
 
 def main(argv: list[str]) -> None:
   if len(argv) < 3:
-    raise SystemExit('usage: python -m experiments.paired_gain WORKDIR BASE_STAGE STAGE [STAGE ...]')
+    raise SystemExit('usage: python -m experiments.paired_gain WORKDIR BASE_STAGE STAGE '
+                     '[STAGE ...]')
   workdir, base, *stages = argv
   items = stage_items(workdir, base)
   results = {stage: compare(items, stage_items(workdir, stage)) for stage in stages}
