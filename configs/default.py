@@ -132,11 +132,13 @@ def get_config(arg: str | None = None):
                         max_new_tokens=max_new // 3, reward_model='reward_model',
                         **rl_shape),
   ]
-  # A KL anchor on the learned reward (the report uses none). Neither it nor
-  # the lower lr stops the damage (README): 20 steps lowered held-out math
-  # 0.296 -> 0.252 at 2e-4 without it, 0.365 -> 0.165 at 2e-4 with it and
-  # 0.365 -> 0.197 at 5e-5 with it; the policy games the reward by brevity.
+  # A KL anchor on the learned reward (the report uses none): its replies
+  # shorten as the reward-model score rises (README).
   config.stages[-1].grpo.beta = 0.1
+  # Its replies are short, but the held-out suite is the run's: scored with
+  # the same generation budget as every other stage (at 64 tokens the longer
+  # reasoning traces were cut and counted wrong).
+  config.stages[-1].eval.max_new_tokens = max_new
   config.stages[4].grpo.temperature = 0.6  # rl_code: rollouts, pass-rate filter, log-probs
   # Preference is not verifiable: no pass-rate band to filter by.
   config.stages[-1].filter.enabled = False

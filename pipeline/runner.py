@@ -67,6 +67,12 @@ def validate(config) -> None:
     if stage.init_from == 'hf' and not _hf_checkpoint(config, stage.model):
       raise ValueError(f"config.stages[{i}].init_from='hf' but config.models.{stage.model} "
                        'has no hf_checkpoint')
+  budgets = {s.name: s.eval.max_new_tokens for s in config.stages
+             if 'eval' in s and 'max_new_tokens' in s.eval}
+  if len(set(budgets.values())) > 1:
+    raise ValueError(f'config.stages[*].eval.max_new_tokens differ ({budgets}): every stage '
+                     'is scored on the run\'s one held-out suite, and its rows compare only '
+                     'under one generation budget')
   for name, model in config.models.items():
     if _hf_checkpoint(config, name):
       # Reads config.json only: a wrong path or an unsupported architecture

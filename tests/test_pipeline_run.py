@@ -110,6 +110,16 @@ def test_override_by_index(tmp_path):
   assert all(s['status'] == 'pending' for s in stages[2:])
 
 
+def test_unequal_eval_budgets_are_an_error(tmp_path):
+  """Every row of the summary scores the same held-out suite: one generation
+  budget, or the rows do not compare (a 64-token budget once cut traces)."""
+  proc = cli(str(tmp_path), '--config.stages.6.eval.max_new_tokens=8')
+  assert proc.returncode != 0
+  assert 'config.stages[*].eval.max_new_tokens differ' in proc.stderr
+  assert "'rl_preference': 8" in proc.stderr
+  assert not os.path.exists(tmp_path / 'summary.json')  # nothing ran
+
+
 def test_mistyped_key_names_it(tmp_path):
   proc = cli(str(tmp_path), '--config.stages.0.stepz=2')
   assert proc.returncode != 0
