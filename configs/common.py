@@ -135,17 +135,20 @@ def distill_stage(name: str, *, model: str, teacher: str, steps: int, batch_size
 def grpo_stage(name: str, *, model: str, steps: int, sources: dict, rewards: dict,
                prompts_per_step: int = 8, group_size: int = 8, max_new_tokens: int = 128,
                seq_len: int = 256, lr: float = 2e-4, filter_k: int = 16,
-               filter_candidates: int = 256, reward_model: str = '') -> ConfigDict:
+               filter_candidates: int = 256, reward_model: str = '',
+               eval_max_new_tokens: int | None = None) -> ConfigDict:
   """A GRPO stage (Shao et al. 2024) with DAPO's choices as in the report:
   no KL (β = 0), clip-higher, token-mean loss, truncated completions masked,
   the pass-rate band filter before the stage and dynamic sampling during it.
 
   rewards: {function name: weight} (pipeline/rewards.py; 'preference' needs
   `reward_model`, the name of an earlier reward_model stage).
+  eval_max_new_tokens: the held-out suite's budget (default max_new_tokens);
+  it must equal the other stages' (runner.validate).
   """
   stage = sft_stage(name, model=model, steps=steps, batch_size=prompts_per_step * group_size,
                     seq_len=seq_len, sources=sources, lr=lr,
-                    eval_max_new_tokens=max_new_tokens)
+                    eval_max_new_tokens=eval_max_new_tokens or max_new_tokens)
   stage.kind = 'grpo'
   stage.optim.schedule = 'constant'
   stage.optim.weight_decay = 0.0

@@ -130,15 +130,13 @@ def get_config(arg: str | None = None):
       common.grpo_stage('rl_preference', model='student', steps=rl_steps // 2,
                         sources=chat_prompts, rewards={'preference': 1.0}, lr=rl_lr,
                         max_new_tokens=max_new // 3, reward_model='reward_model',
-                        **rl_shape),
+                        # Short replies, but the run's one held-out budget (at
+                        # 64 tokens the longer reasoning traces were cut).
+                        eval_max_new_tokens=max_new, **rl_shape),
   ]
   # A KL anchor on the learned reward (the report uses none): its replies
   # shorten as the reward-model score rises (README).
   config.stages[-1].grpo.beta = 0.1
-  # Its replies are short, but the held-out suite is the run's: scored with
-  # the same generation budget as every other stage (at 64 tokens the longer
-  # reasoning traces were cut and counted wrong).
-  config.stages[-1].eval.max_new_tokens = max_new
   config.stages[4].grpo.temperature = 0.6  # rl_code: rollouts, pass-rate filter, log-probs
   # Preference is not verifiable: no pass-rate band to filter by.
   config.stages[-1].filter.enabled = False
