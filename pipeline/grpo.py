@@ -146,6 +146,18 @@ def solved(rollout: Rollout, correctness: tuple[str, ...]) -> np.ndarray:
   return np.max(scores, axis=0) >= 1.0 if scores else np.zeros(len(rollout.records), bool)
 
 
+def shaping_only_groups(rollout: Rollout, correctness: tuple[str, ...],
+                        group_size: int) -> np.ndarray:
+  """[P] bool: groups whose verifier outcome is the same for all G samples but
+  whose total reward varies, so their whole advantage comes from shaping
+  terms (format, overlong). With group-std scaling a 0.1-weight length
+  penalty then gets the same ±1 advantages as right against wrong."""
+  outcome = solved(rollout, correctness).reshape(-1, group_size)
+  total = rollout.rewards.reshape(-1, group_size)
+  same_outcome = outcome.min(axis=1) == outcome.max(axis=1)
+  return same_outcome & (total.min(axis=1) != total.max(axis=1))
+
+
 def pass_rate_filter(roller: Roller, params, records: list[dict], cfg, correctness, seed: int):
   """Keeps the prompts the current policy solves in [low, high] of k samples
   (the report: 10%..90% of 16): too easy or too hard teaches nothing."""
@@ -300,6 +312,7 @@ def run(cfg, ctx: loop.StageContext) -> dict:
         'completion_length': float(first.samples.lengths.mean()),
         'truncation_rate': float(first.samples.truncated.mean()),
         'accuracy': float(solved(first, correctness).mean()),
+        'shaping_only_fraction': float(shaping_only_groups(first, correctness, g).mean()),
         'time_generate_score_s': t_gen_score, 'time_update_s': time.perf_counter() - t1})
     for name, values in first.per_function.items():
       if np.isfinite(values).any():

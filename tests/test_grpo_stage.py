@@ -94,3 +94,18 @@ def test_build_batch_masks_filler_groups():
   np.testing.assert_allclose(batch['advantages'], [0.7, -0.7, 0.0, 0.0])
   assert batch['inputs'][0, :5].tolist() == [1, 3, 5, 6, 0]
   assert batch['targets'][0, :4].tolist() == [3, 5, 6, 2]
+
+
+def test_shaping_only_groups():
+  # Three groups of 2: right/wrong; both right, lengths differ (only the
+  # overlong term varies); both right with equal totals.
+  samples = sampling.Samples(tokens=np.zeros((6, 1), np.int32),
+                             log_probs=np.zeros((6, 1), np.float32),
+                             lengths=np.ones(6, np.int64), truncated=np.zeros(6, bool))
+  rollout = grpo.Rollout(
+      records=[{}] * 6, prompt_ids=[np.array([1])] * 6, samples=samples,
+      rewards=np.array([1.0, 0.0, 1.0, 0.95, 1.0, 1.0]),
+      per_function={'stem': np.array([1.0, 0.0, 1.0, 1.0, 1.0, 1.0]),
+                    'overlong': np.array([0.0, 0.0, 0.0, -0.5, 0.0, 0.0])},
+      stats={})
+  assert grpo.shaping_only_groups(rollout, ('stem',), 2).tolist() == [False, True, False]
