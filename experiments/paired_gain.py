@@ -5,7 +5,8 @@
 Compares each later stage with the first one on the same held-out items
 (`<stage>/eval_items.jsonl`; `untrained` is the baseline), per domain: math
 (the reasoning-gym tasks), code (generated tasks + HumanEval), tool calls
-(BFCL + procedural), and per task. Paired, because both stages answered the
+(BFCL + procedural), and per task; `math (sound)` scores a math item 1 only
+when its reasoning holds up too (`sound` in the items file). Paired, because both stages answered the
 same items: the gain's standard error is sd(score_b - score_a) / sqrt(n),
 and `better` / `worse` count the items that changed. |z| >= 2 is a change
 that item-sampling noise rarely produces (about 1 time in 20).
@@ -49,8 +50,14 @@ def compare(items_a: dict[str, dict], items_b: dict[str, dict]) -> dict[str, dic
   groups = {name: [i for i in ids if keep(items_a[i]['task'])] for name, keep in DOMAINS.items()}
   for task in sorted({items_a[i]['task'] for i in ids}):
     groups[task] = [i for i in ids if items_a[i]['task'] == task]
-  return {name: paired([items_a[i]['score'] for i in group], [items_b[i]['score'] for i in group])
-          for name, group in groups.items() if group}
+  out = {name: paired([items_a[i]['score'] for i in group], [items_b[i]['score'] for i in group])
+         for name, group in groups.items() if group}
+  sound = [i for i in groups['math'] if items_a[i].get('sound') is not None
+           and items_b[i].get('sound') is not None]
+  if sound:
+    out['math (sound)'] = paired([float(items_a[i]['sound']) for i in sound],
+                                 [float(items_b[i]['sound']) for i in sound])
+  return out
 
 
 def stage_items(workdir: str, stage: str) -> dict[str, dict]:

@@ -10,7 +10,8 @@ import os
 import sys
 
 COLUMNS = (
-    ('accuracy', 'math acc'), ('accuracy/basic_arithmetic', 'arith'),
+    ('accuracy', 'math acc'), ('sound_accuracy', 'sound math'),
+    ('accuracy/basic_arithmetic', 'arith'),
     ('accuracy/chain_sum', 'chain sum'), ('accuracy/gcd', 'gcd'),
     ('pass@1/code_gen', 'code pass@1'), ('pass@1/humaneval', 'HumanEval'),
     ('call_accuracy/agent', 'BFCL calls'), ('call_accuracy/tool_use', 'tool calls'),

@@ -1,7 +1,10 @@
 """Held-out evaluation of one model, per domain.
 
 - math / STEM (reasoning-gym tasks): greedy answer scored by the task's scorer
-  -> `accuracy/<task>`, and `accuracy` over all of them;
+  -> `accuracy/<task>`, and `accuracy` over all of them; `sound_accuracy`
+  (and per task) counts only right answers whose reasoning makes arithmetic
+  claims and no false one (`reasoning_gym_math.sound`): a gcd of 1 or 2 is
+  right a third of the time whatever the trace computed;
 - code (generated tasks, HumanEval): the extracted program run against the
   task's tests in the sandbox -> `pass@1/<task>`;
 - agent (BFCL, and generated tool-use tasks): tool calls match an accepted
@@ -78,8 +81,20 @@ def metric_name(task: str) -> str:
   return f'accuracy/{task}'
 
 
-def summarize(records: Sequence[dict], scores: Sequence[float]) -> dict[str, float]:
-  """Mean score per task, plus `accuracy` over the reasoning-gym tasks."""
+def is_math(record: dict) -> bool:
+  return record['task'] not in CODE_TASKS + AGENT_TASKS + ('chat',)
+
+
+def sound_flags(records: Sequence[dict], completions: Sequence[str]) -> list[bool | None]:
+  """`reasoning_gym_math.sound` for math records, None for the others."""
+  return [reasoning_gym_math.sound(r, c) if is_math(r) else None
+          for r, c in zip(records, completions)]
+
+
+def summarize(records: Sequence[dict], scores: Sequence[float],
+              sound: Sequence[bool | None] | None = None) -> dict[str, float]:
+  """Mean score per task, plus `accuracy` over the reasoning-gym tasks; with
+  `sound` (sound_flags), `sound_accuracy` overall and per math task."""
   per_task = collections.defaultdict(list)
   for record, score in zip(records, scores):
     per_task[record['task']].append(score)
@@ -87,6 +102,13 @@ def summarize(records: Sequence[dict], scores: Sequence[float]) -> dict[str, flo
   math = [s for t, v in per_task.items() if t not in CODE_TASKS + AGENT_TASKS for s in v]
   if math:
     metrics['accuracy'] = float(np.mean(math))
+  if sound is not None and math:
+    per_task = collections.defaultdict(list)
+    for record, flag in zip(records, sound):
+      if flag is not None:
+        per_task[record['task']].append(flag)
+    metrics.update({f'sound_accuracy/{t}': float(np.mean(f)) for t, f in sorted(per_task.items())})
+    metrics['sound_accuracy'] = float(np.mean([f for v in per_task.values() for f in v]))
   return metrics
 
 
@@ -122,13 +144,13 @@ def perplexity(spec: state_lib.ModelSpec, params, tokenizer, records: Sequence[d
 
 
 def write_items(path: str, records: Sequence[dict], scores: Sequence[float],
-                completions: Sequence[str]) -> None:
+                completions: Sequence[str], sound: Sequence[bool | None]) -> None:
   """One JSON line per scored item: what paired comparisons of two stages
   (experiments/paired_gain.py) and a reader of the completions need."""
   with open(path, 'w') as f:
-    for record, score, completion in zip(records, scores, completions):
+    for record, score, completion, flag in zip(records, scores, completions, sound):
       f.write(json.dumps({'id': record['id'], 'task': record['task'],
-                          'level': record.get('level'), 'score': score,
+                          'level': record.get('level'), 'score': score, 'sound': flag,
                           'completion': completion}) + '\n')
 
 
@@ -153,9 +175,10 @@ def evaluate(spec: state_lib.ModelSpec, params, tokenizer, records: Sequence[dic
                                    max_new_tokens=cfg.max_new_tokens,
                                    batch_size=cfg.batch_size, seed=seed)
     scores = score_completions(generated, completions)
-    metrics.update(summarize(generated, scores))
+    sound = sound_flags(generated, completions)
+    metrics.update(summarize(generated, scores, sound))
     if items_path:
-      write_items(items_path, generated, scores, completions)
+      write_items(items_path, generated, scores, completions, sound)
   if chats:
     metrics['perplexity/chat'] = perplexity(spec, params, tokenizer, chats,
                                             batch_size=cfg.batch_size, max_len=cfg.max_chat_len)

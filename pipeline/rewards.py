@@ -259,63 +259,6 @@ def stem_reward(prompts: Sequence[str], completions: Sequence[str], *,
 
 # ================================================================= steps ===
 
-# `a op b op c = r` with integer operands, + - * and mod: the claims a
-# worked trace makes ("9+2+1=12", "228 * -66 = -15048", "1597 mod 1038 =
-# 559"). The result may not continue an expression ("-45 - -69 = 69 - 45"
-# rewrites, it does not claim 69), and an operand may not continue one to
-# the left ("-(15048 - 28)" is not read as "15048 - 28").
-_CLAIM_RE = re.compile(
-    r'(?<![\d)])(?<!mod )(-?\d+(?:[ \t]*(?:[-+*]|mod)[ \t]*-?\d+)+)[ \t]*=[ \t]*(-?\d+)'
-    r'(?![ \t]*(?:[-+*/(\d]|mod\b))(?!\.\d)')
-_MAX_CLAIM_DIGITS = 60
-
-
-def _evaluate_claim(expression: str) -> int | None:
-  """The value of `a op b op ...` (+ - * mod; * and mod before + -), or None."""
-  tokens = re.findall(r'mod|[-+*]|\d+', expression)
-  terms, sign, negate = [], 1, False
-  product, pending = None, None
-  for tok in tokens:
-    if tok.isdigit():
-      value = -int(tok) if negate else int(tok)
-      negate = False
-      if product is None:
-        product = value
-      elif pending == '*':
-        product *= value
-      elif pending == 'mod':
-        if value == 0:
-          return None
-        product %= value
-      pending = None
-    elif product is None or pending is not None:  # a sign, not an operator
-      if tok != '-':
-        return None
-      negate = not negate
-    elif tok in ('*', 'mod'):
-      pending = tok
-    else:
-      terms.append(sign * product)
-      sign, product = (1 if tok == '+' else -1), None
-  if product is None or pending is not None:
-    return None
-  return sum(terms) + sign * product
-
-
-def arithmetic_claims(text: str) -> list[tuple[str, bool]]:
-  """Every integer arithmetic claim `expression = result` in `text`, with
-  whether it is true. Claims with very long numbers are skipped."""
-  out = []
-  for match in _CLAIM_RE.finditer(text):
-    expression, result = match.group(1), match.group(2)
-    if len(re.sub(r'\D', '', match.group(0))) > _MAX_CLAIM_DIGITS:
-      continue
-    value = _evaluate_claim(expression)
-    if value is not None:
-      out.append((match.group(0), value == int(result)))
-  return out
-
-
 def steps_reward(prompts: Sequence[str], completions: Sequence[str], *,
                  records: Sequence[Mapping], **unused) -> list[float | None]:
   """1.0 when every arithmetic claim in the reasoning (`<think>…</think>`) is
@@ -332,8 +275,7 @@ def steps_reward(prompts: Sequence[str], completions: Sequence[str], *,
     if not _is_reasoning_gym(record):
       out.append(None)
       continue
-    think = completion.split('</think>', 1)[0]
-    claims = arithmetic_claims(think)
+    claims = reasoning_gym_math.arithmetic_claims(reasoning_gym_math.reasoning(completion))
     out.append(float(all(ok for _, ok in claims)) if claims else None)
   return out
 

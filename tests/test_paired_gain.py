@@ -39,7 +39,7 @@ def test_compare_groups_by_domain_and_task(tmp_path):
   # written by the evaluator, read back the same
   path = tmp_path / 'items.jsonl'
   evaluate.write_items(str(path), list(a.values()), [x['score'] for x in a.values()],
-                       ['c'] * len(a))
+                       ['c'] * len(a), [None] * len(a))
   assert {i: x['score'] for i, x in evaluate.read_items(str(path)).items()} == {
       i: x['score'] for i, x in a.items()}
 
@@ -59,8 +59,10 @@ def test_command_line_writes_table_and_json(tmp_path, capsys):
     (tmp_path / stage).mkdir()
     items = _items({f'gcd/{k}': s for k, s in enumerate(scores)}, task_of)
     evaluate.write_items(str(tmp_path / stage / 'eval_items.jsonl'), list(items.values()),
-                         scores, [''] * 3)
+                         scores, [''] * 3, [s == 1.0 for s in scores])
   paired_gain.main([str(tmp_path), 'distill', 'rl_stem'])
-  assert '| rl_stem | math | 3 | 0.333 | 0.667 | +0.333 |' in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert '| rl_stem | math | 3 | 0.333 | 0.667 | +0.333 |' in out
+  assert '| rl_stem | math (sound) | 3 | 0.333 | 0.667 | +0.333 |' in out
   with open(tmp_path / 'paired_gain_distill.json') as f:
     assert json.load(f)['rl_stem']['gcd']['better'] == 1

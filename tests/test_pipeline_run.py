@@ -72,11 +72,16 @@ def test_outputs_of_a_run(tiny_run):
     items = evaluate.read_items(os.path.join(tiny_run, stage, loop.EVAL_ITEMS_FILE))
     assert all(0.0 <= item['score'] <= 1.0 and isinstance(item['completion'], str)
                for item in items.values())
+    # sound: a bool for math items (never without a right answer), None for the rest
+    assert all((item['sound'] is None) == (item['task'] in evaluate.CODE_TASKS
+                                           + evaluate.AGENT_TASKS)
+               and item['score'] >= bool(item['sound']) for item in items.values())
     assert item_ids in (None, set(items)) and 'chat' not in {i['task'] for i in items.values()}
     item_ids = set(items)
   chats = [r for r in runner.run_data(default.get_config('tiny'))[1] if r['task'] == 'chat']
   assert len(item_ids) == summary['untrained']['eval']['num_eval'] - len(chats)
   assert 'accuracy' in summary['untrained']['eval']
+  assert 'sound_accuracy' in summary['untrained']['eval']
   with open(os.path.join(tiny_run, 'config.json')) as f:
     assert json.load(f)['stages'][0]['name'] == 'cold_start_sft'
   assert os.path.exists(os.path.join(tiny_run, 'tokenizer', 'tokenizer.model'))

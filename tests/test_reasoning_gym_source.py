@@ -253,3 +253,43 @@ def test_score(splits):
   padded = f"<answer>9{record['answer']}</answer>"
   assert rgm.score(record, padded) == 0.0
   assert rgm.score(record, padded, partial_credit=True) == 0.5
+
+
+def test_arithmetic_claims_of_real_traces_are_true(splits, level_splits):
+  records = splits[0] + level_splits[0] + level_splits[1]
+  claims = [c for r in records for c in rgm.arithmetic_claims(r["messages"][1]["content"])]
+  assert len(claims) > 500
+  assert all(ok for _, ok in claims), [c for c in claims if not c[1]][:3]
+  assert all(rgm.sound(r, r["messages"][1]["content"]) for r in records)
+
+
+def test_arithmetic_claims_parse_and_check():
+  text = ("98 + 22: 8+2=11, 9+2+1=12 = 120\n-45 - -69 = 69 - 45: 9-5=4\n"
+          "228 * -66 = -15048\n1597 mod 1038 = 559\n-(15048 - 28) = 1, 10-0-1=9\n"
+          "-324360\n-324360 * -9 = 2919240, 5 mod 0 = 1, 2 + 3 = 5.5, 2*3+1=7, 7 = 7")
+  assert rgm.arithmetic_claims(text) == [
+      ("8+2=11", False), ("9+2+1=12", True), ("9-5=4", True), ("228 * -66 = -15048", True),
+      ("1597 mod 1038 = 559", True), ("10-0-1=9", True), ("-324360 * -9 = 2919240", True),
+      ("2*3+1=7", True)]
+
+
+def test_sound_needs_a_right_answer_and_true_claims(splits):
+  record = next(r for r in splits[1] if r["task"] == "gcd")
+  right = f"<answer>{record['answer']}</answer>"
+  assert rgm.sound(record, record["messages"][1]["content"])
+  assert not rgm.sound(record, f"<think>12 mod 5 = 3</think>{right}")  # a false claim
+  assert not rgm.sound(record, f"<think>guess</think>{right}")  # no claim at all
+  assert not rgm.sound(record, "<think>12 mod 5 = 2</think><answer>-1</answer>")
+
+
+def test_sound_accuracy_in_the_held_out_metrics(splits):
+  from pipeline import evaluate
+  records = [r for r in splits[1] if r["task"] == "gcd"][:4]
+  right = [f"<answer>{r['answer']}</answer>" for r in records]
+  completions = [records[0]["messages"][1]["content"], "<think>7 mod 2 = 0</think>" + right[1],
+                 right[2], "<answer>-1</answer>"]
+  sound = evaluate.sound_flags(records, completions)
+  metrics = evaluate.summarize(records, evaluate.score_completions(records, completions), sound)
+  assert sound == [True, False, False, False]
+  assert metrics["accuracy/gcd"] == 0.75 and metrics["sound_accuracy/gcd"] == 0.25
+  assert metrics["sound_accuracy"] == 0.25

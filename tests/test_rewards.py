@@ -9,7 +9,6 @@ import multiprocessing
 import numpy as np
 import pytest
 
-from data.sources import reasoning_gym_math
 from pipeline import rewards
 
 # Robustness tests use short limits so that a hang costs well under a second.
@@ -145,24 +144,6 @@ def test_stem_not_applicable_to_other_tasks():
 
 
 # ------------------------------------------------------------------ steps ---
-
-def test_arithmetic_claims_of_real_traces_are_true():
-  records = reasoning_gym_math.make_records(('basic_arithmetic', 'chain_sum', 'gcd'), 'train',
-                                            90, 0, levels=(0, 1, 2))
-  claims = [c for r in records for c in rewards.arithmetic_claims(r['messages'][-1]['content'])]
-  assert len(claims) > 500
-  assert all(ok for _, ok in claims), [c for c in claims if not c[1]][:3]
-
-
-def test_arithmetic_claims_parse_and_check():
-  text = ('98 + 22: 8+2=11, 9+2+1=12 = 120\n-45 - -69 = 69 - 45: 9-5=4\n'
-          '228 * -66 = -15048\n1597 mod 1038 = 559\n-(15048 - 28) = 1, 10-0-1=9\n'
-          '-324360\n-324360 * -9 = 2919240, 5 mod 0 = 1, 2 + 3 = 5.5, 2*3+1=7, 7 = 7')
-  assert rewards.arithmetic_claims(text) == [
-      ('8+2=11', False), ('9+2+1=12', True), ('9-5=4', True), ('228 * -66 = -15048', True),
-      ('1597 mod 1038 = 559', True), ('10-0-1=9', True), ('-324360 * -9 = 2919240', True),
-      ('2*3+1=7', True)]
-
 
 def test_steps_reward():
   records = [math_record('120', 'chain_sum')] * 4 + [CHAT_RECORD]

@@ -454,3 +454,74 @@ def score(record: dict, completion: str, *, partial_credit: bool = False) -> flo
     return 0.0
   value = float(_score_fn(record["task"])(answer, json.loads(record["entry"])))
   return value if partial_credit else float(value >= 1.0)
+
+
+# ------------------------------------------------------- checking traces ---
+
+# `a op b op c = r` with integer operands and + - * mod: the claims a worked
+# trace makes ("9+2+1=12", "228 * -66 = -15048", "1597 mod 1038 = 559"). A
+# result may not go on as an expression ("-45 - -69 = 69 - 45" rewrites, it
+# does not claim 69), nor an operand continue one to its left ("-(15048 - 28)"
+# is not read as "15048 - 28"), and a claim stays on one line.
+_CLAIM_RE = re.compile(
+    r"(?<![\d)])(?<!mod )(-?\d+(?:[ \t]*(?:[-+*]|mod)[ \t]*-?\d+)+)[ \t]*=[ \t]*(-?\d+)"
+    r"(?![ \t]*(?:[-+*/(\d]|mod\b))(?!\.\d)")
+_MAX_CLAIM_DIGITS = 60
+
+
+def _evaluate_claim(expression: str) -> int | None:
+  """The value of `a op b op ...` (+ - * mod; * and mod before + -), or None."""
+  terms, sign, negate = [], 1, False
+  product, pending = None, None  # the running product term, its pending * or mod
+  for tok in re.findall(r"mod|[-+*]|\d+", expression):
+    if tok.isdigit():
+      value = -int(tok) if negate else int(tok)
+      negate = False
+      if product is None:
+        product = value
+      elif pending == "*":
+        product *= value
+      elif value == 0:  # mod 0
+        return None
+      else:
+        product %= value
+      pending = None
+    elif product is None or pending is not None:  # a sign, not an operator
+      if tok != "-":
+        return None
+      negate = not negate
+    elif tok in ("*", "mod"):
+      pending = tok
+    else:
+      terms.append(sign * product)
+      sign, product = (1 if tok == "+" else -1), None
+  if product is None or pending is not None:
+    return None
+  return sum(terms) + sign * product
+
+
+def arithmetic_claims(text: str) -> list[tuple[str, bool]]:
+  """Every integer claim `expression = result` in `text`, with whether it is
+  true. Claims with very long numbers are skipped."""
+  out = []
+  for match in _CLAIM_RE.finditer(text):
+    if len(re.sub(r"\D", "", match.group(0))) > _MAX_CLAIM_DIGITS:
+      continue
+    value = _evaluate_claim(match.group(1))
+    if value is not None:
+      out.append((match.group(0), value == int(match.group(2))))
+  return out
+
+
+def reasoning(completion: str) -> str:
+  """The part of a completion before its first `</think>` (all of it if none)."""
+  return completion.split("</think>", 1)[0]
+
+
+def sound(record: dict, completion: str) -> bool:
+  """Right by `score`, and reached through reasoning that makes at least one
+  arithmetic claim and no false one. A small model often writes a right answer
+  (a gcd of 1 or 2, a third of the items) after a trace that computes
+  something else; `score` cannot tell that from a worked answer."""
+  claims = arithmetic_claims(reasoning(completion))
+  return score(record, completion) >= 1.0 and bool(claims) and all(ok for _, ok in claims)
