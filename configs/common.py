@@ -160,15 +160,17 @@ def grpo_stage(name: str, *, model: str, steps: int, sources: dict, rewards: dic
       epsilon_low=0.2, epsilon_high=0.28,  # ε_low, ε_high (DAPO clip-higher)
       beta=0.0,  # β of the k3 KL to the reference; 0 keeps no reference model
       scale_rewards='group',  # 'group' | 'batch' | 'none' (Dr. GRPO)
+      negative_weight=1.0,  # scales negative advantages; 0 reinforces only the successes
       loss_agg='token_mean',  # DAPO; or 'seq_mean_token_mean' (GRPO), 'seq_mean_token_sum_norm'
-      temperature=1.0, max_new_tokens=max_new_tokens))
+      temperature=1.0, max_new_tokens=max_new_tokens,
+      sft_coef=0.0))  # λ: + λ·CE on the sources' reference answers (PPO-ptx anchor)
   stage.sampling = ConfigDict(dict(top_k=0, top_p=1.0))
   stage.max_sampling_rounds = 3  # dynamic sampling: extra rollouts to replace zero-variance groups
   stage.dynamic_sampling = True
   # Keep prompts solved in [low, high] of k samples (the report: 10%..90% of 16).
   stage.filter = ConfigDict(dict(enabled=True, k=filter_k, low=0.1, high=0.9,
                                  num_candidates=filter_candidates, batch_prompts=16,
-                                 functions=('stem', 'code', 'agent')))
+                                 functions=('stem', 'sound_stem', 'code', 'agent')))
   stage.rewards = ConfigDict(dict(functions=ConfigDict(rewards), timeout_s=10.0,
                                   max_new_tokens=max_new_tokens,
                                   overlong_buffer=max(max_new_tokens // 4, 1)))

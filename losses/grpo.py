@@ -52,7 +52,8 @@ def zero_variance_groups(rewards_b: jax.Array, group_size: int) -> jax.Array:
 
 
 def group_advantages(rewards_b: jax.Array, group_size: int, *,
-                     scale_rewards: str = 'group', eps: float = 1e-4) -> jax.Array:
+                     scale_rewards: str = 'group', eps: float = 1e-4,
+                     negative_weight: float = 1.0) -> jax.Array:
   """Group-relative advantages Â_i = (r_i - mean(r_group)) / (std + ε).
 
   Args:
@@ -63,6 +64,9 @@ def group_advantages(rewards_b: jax.Array, group_size: int, *,
       std of all B rewards; 'none' does not divide (Dr. GRPO, which removes the
       difficulty bias of per-group scaling).
     eps: ε added to the std.
+    negative_weight: multiplies the negative Â_i (1: GRPO; 0: only the
+      better-than-average samples are reinforced, as in online rejection
+      sampling fine-tuning).
 
   Returns:
     [B] float32 advantages. Stds are unbiased (ddof=1, as torch.std in TRL and
@@ -73,6 +77,8 @@ def group_advantages(rewards_b: jax.Array, group_size: int, *,
     raise ValueError(f'scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}')
   if eps < 0:
     raise ValueError(f'eps must be >= 0, got {eps}')
+  if negative_weight < 0:
+    raise ValueError(f'negative_weight must be >= 0, got {negative_weight}')
   r_pg = _grouped(rewards_b, group_size)  # [P, G]
   adv_pg = r_pg - jnp.mean(r_pg, axis=1, keepdims=True)
   if scale_rewards == 'group':
@@ -81,6 +87,7 @@ def group_advantages(rewards_b: jax.Array, group_size: int, *,
     adv_pg = adv_pg / (jnp.std(r_pg, ddof=1) + eps)
   zero_var_p = zero_variance_groups(rewards_b, group_size)
   adv_pg = jnp.where(zero_var_p[:, None], 0.0, adv_pg)
+  adv_pg = jnp.where(adv_pg < 0, negative_weight * adv_pg, adv_pg)
   return adv_pg.reshape(-1)
 
 

@@ -26,7 +26,7 @@ from absl import logging
 from data.chat import render_prompt
 from losses import grpo as grpo_losses
 from losses.ce import token_log_probs
-from pipeline import checkpoint, evaluate, loop, rewards, sampling, sharding, stage_data
+from pipeline import checkpoint, evaluate, loop, rewards, sampling, sharding, sft, stage_data
 from pipeline import state as state_lib
 from pipeline.optim import make_optimizer
 
@@ -40,9 +40,11 @@ class GRPOConfig:
   epsilon_high: float  # ε_high (clip-higher, DAPO)
   beta: float  # β of the k3 KL to the reference; 0 keeps no reference
   scale_rewards: str  # 'group' | 'batch' | 'none'
+  negative_weight: float  # multiplies negative advantages (1 = GRPO, 0 = reinforce successes only)
   loss_agg: str  # 'token_mean' | 'seq_mean_token_mean' | 'seq_mean_token_sum_norm'
   temperature: float
   max_new_tokens: int  # L
+  sft_coef: float  # λ of the CE anchor on the stage's reference answers (0 = none)
 
 
 class PromptIterator:
@@ -73,6 +75,28 @@ class PromptIterator:
     self.position = state['position']
 
 
+class AnchoredPrompts:
+  """PromptIterator plus the stage's packed SFT batches (reference answers)
+  for the CE anchor; next() gives (prompt records, SFT batch), and its state
+  holds both positions."""
+
+  def __init__(self, prompts: PromptIterator, sft_batches):
+    self.prompts, self.sft_batches = prompts, sft_batches
+
+  def take(self, n: int) -> list[dict]:
+    return self.prompts.take(n)
+
+  def __next__(self) -> tuple[list[dict], dict]:
+    return next(self.prompts), next(self.sft_batches)
+
+  def get_state(self) -> dict:
+    return {'prompts': self.prompts.get_state(), 'sft': self.sft_batches.get_state()}
+
+  def set_state(self, state: dict) -> None:
+    self.prompts.set_state(state['prompts'])
+    self.sft_batches.set_state(state['sft'])
+
+
 # ------------------------------------------------------------- the update ---
 
 def policy_log_probs(params, batch, spec, temperature: float):
@@ -86,15 +110,23 @@ def train_step(state, batch, *, spec, tx, schedule, cfg: GRPOConfig):
   """One policy-gradient update on a rollout batch (pure; jitted once).
 
   batch: inputs/targets/positions/mask [B, T], old_logp [B, T] (the rollout
-  policy), advantages [B], truncated [B], and ref_logp [B, T] when β > 0.
+  policy), advantages [B], truncated [B], ref_logp [B, T] when β > 0, and
+  'sft' (a packed SFT batch) when sft_coef λ > 0: the loss is then
+  GRPO + λ·CE on reference answers (InstructGPT's PPO-ptx anchor).
   """
   def loss_fn(params):
     logp, entropy = policy_log_probs(params, batch, spec, cfg.temperature)
-    return grpo_losses.grpo_loss(
+    loss, metrics = grpo_losses.grpo_loss(
         logp, batch['old_logp'], batch['advantages'], batch['mask'],
         epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, beta=cfg.beta,
         ref_logp_bt=batch.get('ref_logp'), loss_agg=cfg.loss_agg,
         max_tokens=cfg.max_new_tokens, truncated_b=batch['truncated'], entropy_bt=entropy)
+    if cfg.sft_coef > 0:
+      ce_sum, sums = sft.loss_and_metrics(params, batch['sft'], spec)
+      ce = ce_sum / jnp.maximum(sums['num_tokens'], 1.0)
+      loss = loss + cfg.sft_coef * ce
+      metrics = {**metrics, 'policy_loss': metrics['loss'], 'sft_loss': ce, 'loss': loss}
+    return loss, metrics
   grads, metrics = jax.grad(loss_fn, has_aux=True)(state['params'])
   updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
   new_state = {**state, 'params': optax.apply_updates(state['params'], updates),
@@ -139,23 +171,33 @@ class Roller:
                    stats)
 
 
-def solved(rollout: Rollout, correctness: tuple[str, ...]) -> np.ndarray:
-  """[B] bool: a correctness reward (verifier) gave full marks."""
+def outcome(rollout: Rollout, correctness: tuple[str, ...]) -> np.ndarray | None:
+  """[B] the verifier's score (the best of the `correctness` functions that
+  apply; 0 where none does); None when the stage has no verifier."""
   scores = [np.nan_to_num(rollout.per_function[n], nan=0.0) for n in correctness
             if n in rollout.per_function]
-  return np.max(scores, axis=0) >= 1.0 if scores else np.zeros(len(rollout.records), bool)
+  return np.max(scores, axis=0) if scores else None
 
 
-def shaping_only_groups(rollout: Rollout, correctness: tuple[str, ...],
-                        group_size: int) -> np.ndarray:
-  """[P] bool: groups whose verifier outcome is the same for all G samples but
-  whose total reward varies, so their whole advantage comes from shaping
-  terms (format, overlong). With group-std scaling a 0.1-weight length
-  penalty then gets the same ±1 advantages as right against wrong."""
-  outcome = solved(rollout, correctness).reshape(-1, group_size)
-  total = rollout.rewards.reshape(-1, group_size)
-  same_outcome = outcome.min(axis=1) == outcome.max(axis=1)
-  return same_outcome & (total.min(axis=1) != total.max(axis=1))
+def solved(rollout: Rollout, correctness: tuple[str, ...]) -> np.ndarray:
+  """[B] bool: a correctness reward (verifier) gave full marks."""
+  scores = outcome(rollout, correctness)
+  return scores >= 1.0 if scores is not None else np.zeros(len(rollout.records), bool)
+
+
+def uninformative_groups(rollout: Rollout, correctness: tuple[str, ...],
+                         group_size: int) -> np.ndarray:
+  """[P] bool: groups whose G samples the verifier scores alike.
+
+  DAPO's dynamic sampling drops the groups whose accuracy is 0 or 1, not the
+  ones whose total reward is constant: with shaping terms in the total
+  (format, overlong, steps), a group of eight wrong answers still varies in
+  length, and group-std scaling turns a 0.1-weight length term into the same
+  ±1 advantages as right against wrong. Here that taught a 0.2M student to
+  stop chain sums a term early (held-out chain sums 0.535 -> 0.335)."""
+  scores = outcome(rollout, correctness)
+  return np.asarray(grpo_losses.zero_variance_groups(
+      jnp.asarray(rollout.rewards if scores is None else scores), group_size))
 
 
 def pass_rate_filter(roller: Roller, params, records: list[dict], cfg, correctness, seed: int):
@@ -271,9 +313,14 @@ def run(cfg, ctx: loop.StageContext) -> dict:
   # are these very buffers.
   ref_params = jax.tree.map(jnp.copy, params) if gcfg.beta > 0 else None
   prompt_iter = PromptIterator(prompts, cfg.prompts_per_step, ctx.seed)
+  data_iter = prompt_iter
+  if gcfg.sft_coef > 0:
+    data_iter = AnchoredPrompts(prompt_iter, stage_data.train_iterator(
+        data, ctx.tokenizer, cfg, seed=ctx.seed))
   g = gcfg.group_size
 
-  def step_fn(state, prompt_records):
+  def step_fn(state, step_data):
+    prompt_records, sft_batch = step_data if gcfg.sft_coef > 0 else (step_data, None)
     t0 = time.perf_counter()
     base_key = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), int(state['step']))
     rollouts, groups, advantages = [], [], []
@@ -282,8 +329,9 @@ def run(cfg, ctx: loop.StageContext) -> dict:
       ro = roller(state['params'], prompt_records, jax.random.fold_in(base_key, round_idx), g)
       rollouts.append(ro)
       adv = np.asarray(grpo_losses.group_advantages(
-          jnp.asarray(ro.rewards), g, scale_rewards=gcfg.scale_rewards)).reshape(-1, g)
-      flat = np.asarray(grpo_losses.zero_variance_groups(jnp.asarray(ro.rewards), g))
+          jnp.asarray(ro.rewards), g, scale_rewards=gcfg.scale_rewards,
+          negative_weight=gcfg.negative_weight)).reshape(-1, g)
+      flat = uninformative_groups(ro, correctness, g)
       zero_var += int(flat.sum())
       total_groups += len(flat)
       for gi in np.flatnonzero(~flat):
@@ -300,6 +348,8 @@ def run(cfg, ctx: loop.StageContext) -> dict:
     batch['old_logp'] = logp_fn(state['params'], batch)
     if ref_params is not None:
       batch['ref_logp'] = logp_fn(ref_params, batch)
+    if sft_batch is not None:
+      batch['sft'] = sharding.shard_batch(sft_batch, batch_sharding)
     t1 = time.perf_counter()
     for _ in range(gcfg.num_iterations):
       state, metrics = step(state, batch)
@@ -312,7 +362,6 @@ def run(cfg, ctx: loop.StageContext) -> dict:
         'completion_length': float(first.samples.lengths.mean()),
         'truncation_rate': float(first.samples.truncated.mean()),
         'accuracy': float(solved(first, correctness).mean()),
-        'shaping_only_fraction': float(shaping_only_groups(first, correctness, g).mean()),
         'time_generate_score_s': t_gen_score, 'time_update_s': time.perf_counter() - t1})
     for name, values in first.per_function.items():
       if np.isfinite(values).any():
@@ -323,7 +372,7 @@ def run(cfg, ctx: loop.StageContext) -> dict:
     return state, metrics
 
   state, history = loop.train_loop(
-      ctx, state=state, step_fn=step_fn, data_iter=prompt_iter, total_steps=cfg.steps,
+      ctx, state=state, step_fn=step_fn, data_iter=data_iter, total_steps=cfg.steps,
       checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every,
       tokens_per_step=cfg.prompts_per_step * g * gcfg.max_new_tokens)
   checkpoint.save_params(os.path.join(ctx.stage_dir, 'final'), state['params'])

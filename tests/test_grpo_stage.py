@@ -1,6 +1,7 @@
 """GRPO stage wiring: the update step is sharding-invariant and starts at
 ratio 1, prompt order resumes exactly, batches mask filler groups."""
 
+import dataclasses
 import functools
 
 import jax
@@ -8,15 +9,15 @@ import numpy as np
 
 from configs import common
 from models.llama import ModelConfig
-from pipeline import grpo, sampling, sharding
+from pipeline import grpo, sampling, sharding, sft
 from pipeline import state as state_lib
 from pipeline.optim import make_optimizer
 
 CFG = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
                   head_dim=8, mlp_dim=64)
 GCFG = grpo.GRPOConfig(group_size=4, num_iterations=2, epsilon_low=0.2, epsilon_high=0.28,
-                       beta=0.0, scale_rewards='group', loss_agg='token_mean',
-                       temperature=1.0, max_new_tokens=8)
+                       beta=0.0, scale_rewards='group', negative_weight=1.0,
+                       loss_agg='token_mean', temperature=1.0, max_new_tokens=8, sft_coef=0.0)
 
 
 def rollout_batch(seed, rows=8, length=16):
@@ -65,6 +66,32 @@ def test_first_update_is_on_policy_and_sharding_invariant():
                single_params, sharded_params)
 
 
+def test_sft_anchor_adds_the_reference_cross_entropy():
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  with jax.set_mesh(mesh):
+    spec = state_lib.model_spec(CFG, mesh, common.DEFAULT_RULES)
+    tx, schedule = make_optimizer(common.optim(lr=1e-2, warmup_steps=0), 10)
+    params = state_lib.init_params(spec, 0)
+    batch = rollout_batch(0)
+    batch['old_logp'] = grpo.policy_log_probs(params, batch, spec, 1.0)[0]
+    rng = np.random.default_rng(1)
+    batch['sft'] = {'inputs': rng.integers(1, 64, (4, 16)), 'targets': rng.integers(1, 64, (4, 16)),
+                    'positions': np.tile(np.arange(16), (4, 1)),
+                    'segment_ids': np.ones((4, 16), np.int32),
+                    'loss_mask': (rng.random((4, 16)) < 0.5).astype(np.float32)}
+    losses = {}
+    for coef in (0.0, 0.5):
+      state, _ = state_lib.init_train_state(spec, params, tx, mesh, seed=0)
+      cfg = dataclasses.replace(GCFG, sft_coef=coef)
+      _, metrics = grpo.train_step(state, batch, spec=spec, tx=tx, schedule=schedule, cfg=cfg)
+      losses[coef] = metrics
+    ce_sum, sums = sft.loss_and_metrics(params, batch['sft'], spec)
+    ce = float(ce_sum / sums['num_tokens'])
+  np.testing.assert_allclose(losses[0.5]['sft_loss'], ce, rtol=1e-5)
+  np.testing.assert_allclose(losses[0.5]['loss'], losses[0.0]['loss'] + 0.5 * ce, rtol=1e-5)
+  assert 'sft_loss' not in losses[0.0]
+
+
 def test_prompt_iterator_resumes_exactly():
   records = [{'id': str(i)} for i in range(7)]
   it = grpo.PromptIterator(records, 3, seed=5)
@@ -96,16 +123,19 @@ def test_build_batch_masks_filler_groups():
   assert batch['targets'][0, :4].tolist() == [3, 5, 6, 2]
 
 
-def test_shaping_only_groups():
+def test_groups_are_judged_by_the_verifier_not_the_shaped_total():
   # Three groups of 2: right/wrong; both right, lengths differ (only the
   # overlong term varies); both right with equal totals.
   samples = sampling.Samples(tokens=np.zeros((6, 1), np.int32),
                              log_probs=np.zeros((6, 1), np.float32),
                              lengths=np.ones(6, np.int64), truncated=np.zeros(6, bool))
-  rollout = grpo.Rollout(
-      records=[{}] * 6, prompt_ids=[np.array([1])] * 6, samples=samples,
-      rewards=np.array([1.0, 0.0, 1.0, 0.95, 1.0, 1.0]),
-      per_function={'stem': np.array([1.0, 0.0, 1.0, 1.0, 1.0, 1.0]),
-                    'overlong': np.array([0.0, 0.0, 0.0, -0.5, 0.0, 0.0])},
-      stats={})
-  assert grpo.shaping_only_groups(rollout, ('stem',), 2).tolist() == [False, True, False]
+  per_function = {'stem': np.array([1.0, 0.0, 1.0, 1.0, 1.0, 1.0]),
+                  'overlong': np.array([0.0, 0.0, 0.0, -0.5, 0.0, 0.0])}
+  rollout = grpo.Rollout(records=[{}] * 6, prompt_ids=[np.array([1])] * 6, samples=samples,
+                         rewards=np.array([1.0, 0.0, 1.0, 0.95, 1.0, 1.0]),
+                         per_function=per_function, stats={})
+  assert grpo.uninformative_groups(rollout, ('stem', 'code'), 2).tolist() == [False, True, True]
+  assert grpo.solved(rollout, ('stem',)).tolist() == [True, False, True, True, True, True]
+  # No verifier (a preference stage): the total reward decides.
+  assert grpo.uninformative_groups(rollout, ('code',), 2).tolist() == [False, False, True]
+  assert not grpo.solved(rollout, ('code',)).any()

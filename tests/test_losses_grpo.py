@@ -101,6 +101,17 @@ def test_advantages_match_numpy(scale):
   np.testing.assert_allclose(adv.reshape(3, 4).sum(1), 0.0, atol=1e-5)
 
 
+@pytest.mark.parametrize('weight', [0.0, 0.3])
+def test_negative_weight_scales_only_negative_advantages(weight):
+  rewards = np.array([1.0, 0.0, 0.0, 1.0, 0.3, 2.0, -1.0, 0.7], np.float32)
+  expected = np_advantages(rewards, 4, 'group')
+  expected = np.where(expected < 0, weight * expected, expected)
+  adv = np.asarray(group_advantages(jnp.asarray(rewards), 4, negative_weight=weight))
+  np.testing.assert_allclose(adv, expected, rtol=RTOL, atol=ATOL)
+  with pytest.raises(ValueError, match='negative_weight'):
+    group_advantages(jnp.asarray(rewards), 4, negative_weight=-1.0)
+
+
 def test_batch_scaling_uses_whole_batch_std():
   rewards = np.array([0.0, 1.0, 0.0, 10.0], np.float32)
   adv = np.asarray(group_advantages(jnp.asarray(rewards), 2, scale_rewards='batch'))
