@@ -14,6 +14,7 @@ Built-in functions:
   stem_reward       1/0: the final answer of a reasoning-gym task, by the
                     task's own scorer or math-verify equivalence.
   steps_reward      1/0: every arithmetic claim of the reasoning is true.
+  sound_stem_reward 1/0: both of the above (a right answer, soundly reached).
   code_reward       the pass fraction of the extracted program in the sandbox.
   agent_reward      1/0: the tool calls match an accepted answer.
   format_reward     1/0: `<think>…</think><answer>…</answer>` (tool calls for
@@ -278,6 +279,17 @@ def steps_reward(prompts: Sequence[str], completions: Sequence[str], *,
     claims = reasoning_gym_math.arithmetic_claims(reasoning_gym_math.reasoning(completion))
     out.append(float(all(ok for _, ok in claims)) if claims else None)
   return out
+
+
+def sound_stem_reward(prompts: Sequence[str], completions: Sequence[str], *,
+                      records: Sequence[Mapping], **unused) -> list[float | None]:
+  """`stem_reward` gated by `steps_reward`: 1.0 only for a right final answer
+  whose reasoning makes arithmetic claims and no false one (the held-out
+  `sound_accuracy`). A guess reached through a trace that computed something
+  else scores 0 here; None for records that are not reasoning-gym tasks."""
+  right = stem_reward(prompts, completions, records=records)
+  steps = steps_reward(prompts, completions, records=records)
+  return [None if r is None else float(r >= 1.0 and s == 1.0) for r, s in zip(right, steps)]
 
 
 # ================================================================== code ===
@@ -958,7 +970,7 @@ class RewardSystem:
 
 # =============================================================== builder ===
 
-BUILTIN_FUNCTIONS = ('stem', 'steps', 'code', 'agent', 'format', 'overlong')
+BUILTIN_FUNCTIONS = ('stem', 'steps', 'sound_stem', 'code', 'agent', 'format', 'overlong')
 _CONFIG_KEYS = ('functions', 'timeout_s', 'max_new_tokens', 'overlong_buffer',
                 'batch_timeout_s', 'workers', 'code_timeout_s')
 
@@ -1006,6 +1018,8 @@ def default_reward_system(cfg: Mapping, extra_functions: Mapping[str, Callable] 
       functions[name] = stem_reward
     elif name == 'steps':
       functions[name] = steps_reward
+    elif name == 'sound_stem':
+      functions[name] = sound_stem_reward
     elif name == 'code':
       # Already sandboxed, and batched over the sandbox's own workers.
       functions[name], isolate[name] = make_code_reward(cfg.get('code_timeout_s', 5.0)), False

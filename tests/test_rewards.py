@@ -154,6 +154,8 @@ def test_steps_reward():
                  '<think>1+1=3</think>']
   assert rewards.steps_reward([''] * 5, completions, records=records) == [
       1.0, 0.0, None, 1.0, None]
+  assert rewards.sound_stem_reward([''] * 5, completions, records=records) == [
+      1.0, 0.0, 0.0, 0.0, None]
 
 
 # ------------------------------------------------------------------- code ---
@@ -300,7 +302,7 @@ def test_invalid_system_arguments():
 
 
 def test_default_reward_system_names():
-  with pytest.raises(ValueError, match="valid names: \\['stem', 'steps', 'code', 'agent', "):
+  with pytest.raises(ValueError, match="valid names: \\['stem', 'steps', 'sound_stem', 'code', "):
     rewards.default_reward_system({'functions': {'stme': 1.0}})
   with pytest.raises(ValueError, match='overlong'):
     rewards.default_reward_system({'functions': {'overlong': 1.0}})
