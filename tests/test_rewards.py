@@ -536,3 +536,11 @@ def test_real_rewards_on_adversarial_completions(no_leftovers):
   np.testing.assert_array_equal(per_function['format'][:-3], 0.0)
   np.testing.assert_array_equal(per_function['format'][-3:], [1.0, 1.0, 0.0])
   np.testing.assert_array_equal(per_function['overlong'], -1.0)
+
+
+def test_sound_stem_probe_config_builds():
+  from configs import rl_probe_sound_stem
+  stage = rl_probe_sound_stem.get_config('tiny').stages[3]
+  assert stage.name == 'rl_stem' and 'sound_stem' in stage.filter.functions
+  system = rewards.default_reward_system(stage.rewards.to_dict())
+  assert set(system.weights) == {'sound_stem', 'format', 'overlong'}
