@@ -11,8 +11,9 @@ Stages:
                   tool calls at 0: copying arguments needs more steps)
   distill         teacher -> student (< 1/4 of the teacher's parameters): logit KL,
                   hidden-state MSE and the preference level (DPD, report §3.3)
-  rl_stem         GRPO on the student, verifiable math rewards (report §4)
-  rl_code         GRPO on the student, unit tests in the sandbox
+  rl_stem         GRPO on the student, verifiable math rewards (report §4), with
+                  a CE anchor on the reference answers (PPO-ptx)
+  rl_code         GRPO on the student, unit tests in the sandbox, the same anchor
   reward_model    a Bradley-Terry reward model on the student's backbone (chitchat
                   ratings; reference vs wrong answers)
   rl_preference   GRPO on chat prompts with the reward model's score
