@@ -123,7 +123,8 @@ def get_config(arg: str | None = None):
                         lr=rl_lr, max_new_tokens=max_new, filter_k=filter_k,
                         filter_candidates=filter_candidates, **rl_shape),
       # 60 steps sampled at temperature 0.6 (set below): +6 points of code
-      # pass@1 on the previous student, where 40 at 1.0 gave +1 (README).
+      # pass@1 on the previous round's student, where 40 at 1.0 gave +1
+      # (experiments/results/rl_probes_previous_student.json); +0 on this one.
       common.grpo_stage('rl_code', model='student', steps=rl_steps if tiny else 60,
                         sources=code_prompts,
                         rewards={'code': 1.0, 'format': 0.1, 'overlong': 0.1}, lr=rl_lr,

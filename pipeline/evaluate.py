@@ -3,8 +3,8 @@
 - math / STEM (reasoning-gym tasks): greedy answer scored by the task's scorer
   -> `accuracy/<task>`, and `accuracy` over all of them; `sound_accuracy`
   (and per task) counts only right answers whose reasoning makes arithmetic
-  claims and no false one (`reasoning_gym_math.sound`): a gcd of 1 or 2 is
-  right a third of the time whatever the trace computed;
+  claims and no false one (`reasoning_gym_math.sound`): 1 or 2 is the gcd of
+  60% of the items, whatever the trace computed;
 - code (generated tasks, HumanEval): the extracted program run against the
   task's tests in the sandbox -> `pass@1/<task>`;
 - agent (BFCL, and generated tool-use tasks): tool calls match an accepted

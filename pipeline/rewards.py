@@ -266,9 +266,11 @@ def steps_reward(prompts: Sequence[str], completions: Sequence[str], *,
   true, 0.0 when one is false; None for records that are not reasoning-gym
   tasks and for completions that make no claim.
 
-  An outcome reward cannot see a trace whose slip ("2+8=11") did not reach
-  the final answer; sampled at temperature 1 a small model writes such
-  traces, and rewarding them teaches the slip. This term tells them apart.
+  An outcome reward cannot tell a worked answer from a lucky one: the 0.2M
+  student's right gcd answers (1 or 2 for most items) nearly all follow a
+  Euclid trace with a false step. This term tells them apart. It checks that
+  the claims are true, not that they are about the question, and on its own
+  it pays for fewer claims (README: "RL recipe probes").
   """
   del prompts, unused
   out = []

@@ -521,7 +521,7 @@ def reasoning(completion: str) -> str:
 def sound(record: dict, completion: str) -> bool:
   """Right by `score`, and reached through reasoning that makes at least one
   arithmetic claim and no false one. A small model often writes a right answer
-  (a gcd of 1 or 2, a third of the items) after a trace that computes
+  (1 or 2 is the gcd of 60% of the items) after a trace that computes
   something else; `score` cannot tell that from a worked answer."""
   claims = arithmetic_claims(reasoning(completion))
   return score(record, completion) >= 1.0 and bool(claims) and all(ok for _, ok in claims)
