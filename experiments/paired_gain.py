@@ -6,9 +6,10 @@ Compares each later stage with the first one on the same held-out items
 (`<stage>/eval_items.jsonl`; `untrained` is the baseline), per domain: math
 (the reasoning-gym tasks), code (generated tasks + HumanEval), tool calls
 (BFCL + procedural), and per task; `math (sound)` scores a math item 1 only
-when its reasoning holds up too (`sound` in the items file). Paired, because both stages answered the
-same items: the gain's standard error is sd(score_b - score_a) / sqrt(n),
-and `better` / `worse` count the items that changed. |z| >= 2 is a change
+when its reasoning holds up too (`sound` in the items file). Paired, because
+both stages answered the same items: the gain's standard error is
+sd(score_b - score_a) / sqrt(n), and `better` / `worse` count the items that
+changed. |z| >= 2 is a change
 that item-sampling noise rarely produces (about 1 time in 20).
 Prints a markdown table and writes it as JSON next to the run's summary.
 """

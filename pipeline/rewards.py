@@ -273,14 +273,9 @@ def steps_reward(prompts: Sequence[str], completions: Sequence[str], *,
   it pays for fewer claims (README: "RL recipe probes").
   """
   del prompts, unused
-  out = []
-  for record, completion in zip(records, completions, strict=True):
-    if not _is_reasoning_gym(record):
-      out.append(None)
-      continue
-    claims = reasoning_gym_math.arithmetic_claims(reasoning_gym_math.reasoning(completion))
-    out.append(float(all(ok for _, ok in claims)) if claims else None)
-  return out
+  verdicts = [reasoning_gym_math.claims_hold(c) if _is_reasoning_gym(r) else None
+              for r, c in zip(records, completions, strict=True)]
+  return [None if v is None else float(v) for v in verdicts]
 
 
 def sound_stem_reward(prompts: Sequence[str], completions: Sequence[str], *,

@@ -518,10 +518,16 @@ def reasoning(completion: str) -> str:
   return completion.split("</think>", 1)[0]
 
 
+def claims_hold(completion: str) -> bool | None:
+  """Whether every arithmetic claim of the completion's reasoning is true;
+  None when the reasoning makes no claim."""
+  claims = arithmetic_claims(reasoning(completion))
+  return all(ok for _, ok in claims) if claims else None
+
+
 def sound(record: dict, completion: str) -> bool:
   """Right by `score`, and reached through reasoning that makes at least one
   arithmetic claim and no false one. A small model often writes a right answer
   (1 or 2 is the gcd of 60% of the items) after a trace that computes
   something else; `score` cannot tell that from a worked answer."""
-  claims = arithmetic_claims(reasoning(completion))
-  return score(record, completion) >= 1.0 and bool(claims) and all(ok for _, ok in claims)
+  return score(record, completion) >= 1.0 and claims_hold(completion) is True
