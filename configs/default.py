@@ -91,7 +91,11 @@ def get_config(arg: str | None = None):
   rm_data = {'chat': overall['chat'], 'reasoning': distill_data['reasoning']}
   max_new = 16 if tiny else 192  # level-2 traces run to ~220 tokens
   rl_steps, rl_lr = (2, 2e-4) if tiny else (40, 5e-5)
-  filter_k, filter_candidates = (4, 8) if tiny else (16, 256)
+  # k = 8 samples per candidate (the report: 16) buys twice the candidates
+  # for the same filter time: the stage then uses each kept prompt about once
+  # (filter.json: uses_per_prompt). 126 prompts kept of 256 and used 2.5
+  # times each cost 2.8 points of held-out math without the CE anchor.
+  filter_k, filter_candidates = (4, 8) if tiny else (8, 512)
   rl_shape = dict(prompts_per_step=2, group_size=4, seq_len=128) if tiny else dict(
       prompts_per_step=8, group_size=8, seq_len=320)
   config.stages = [
@@ -112,20 +116,22 @@ def get_config(arg: str | None = None):
                            num_pair_prompts=16 if tiny else 256,
                            curriculum=((0.0, 0), (0.25, 1), (0.5, 2)),
                            eval_max_new_tokens=max_new),
-      # lr 5e-5: at 2e-4 the distilled student's held-out math fell 0.42 -> 0.34
-      # in 40 steps (entropy collapsed, traces shortened). Without the CE
-      # anchor (sft_coef, set below) every probe lost held-out arithmetic: the
-      # ~120 band-filtered prompts shift decisions the rest rely on (README:
-      # "RL recipe probes"). 'steps' (are the trace's claims true) is logged
-      # only: rewarded, it taught shorter traces with fewer claims.
+      # lr 5e-5: at 2e-4 held-out math fell in 40 steps (-7.8 points at T = 1,
+      # -2.2 at T = 0.5). Rollouts at T = 0.5 (set below): at T = 1 the
+      # student's samples score half its greedy accuracy (0.20 vs 0.41,
+      # experiments/rl_headroom.py), so RL there trains paths greedy decoding
+      # does not take; at 0.5, pass@8 is 0.59. 'steps' (are the trace's
+      # claims true) is logged only: rewarded, it taught shorter traces with
+      # fewer claims (README: "RL recipe probes").
       common.grpo_stage('rl_stem', model='student', steps=rl_steps, sources=distill_data_stem,
                         rewards={'stem': 1.0, 'steps': 0.0, 'format': 0.1, 'overlong': 0.1},
                         lr=rl_lr, max_new_tokens=max_new, filter_k=filter_k,
                         filter_candidates=filter_candidates, **rl_shape),
-      # 60 steps sampled at temperature 0.6 (set below): +6 points of code
-      # pass@1 on the previous round's student, where 40 at 1.0 gave +1
-      # (experiments/results/rl_probes_previous_student.json); +0 on this one.
-      common.grpo_stage('rl_code', model='student', steps=rl_steps if tiny else 60,
+      # Sampled at temperature 0.6 (set below): +6 points of code pass@1 on
+      # the previous round's student, where T = 1.0 gave +1
+      # (experiments/results/rl_probes_previous_student.json); +0 on this
+      # one. 40 steps: 60 would use each band-kept prompt ~2 times.
+      common.grpo_stage('rl_code', model='student', steps=rl_steps,
                         sources=code_prompts,
                         rewards={'code': 1.0, 'format': 0.1, 'overlong': 0.1}, lr=rl_lr,
                         max_new_tokens=max_new, filter_k=filter_k,
@@ -142,10 +148,12 @@ def get_config(arg: str | None = None):
   # A KL anchor on the learned reward (the report uses none): its replies
   # shorten as the reward-model score rises (README).
   config.stages[-1].grpo.beta = 0.1
-  config.stages[4].grpo.temperature = 0.6  # rl_code: rollouts, pass-rate filter, log-probs
+  # Rollouts, pass-rate filter and log-probs at T < 1 (see above).
+  config.stages[3].grpo.temperature = 0.5  # rl_stem
+  config.stages[4].grpo.temperature = 0.6  # rl_code
   # PPO-ptx: + 1.0 x CE on the stage's reference answers at every RL step.
-  # rl_stem probes, held-out math: -0.028 without, +0.038 with; the CE alone
-  # (every reward weight 0) +0.052: the gain is the anchor's (README).
+  # rl_stem probes at these settings, held-out math: +0.035 without, +0.045
+  # with; the CE alone (every reward weight 0) +0.052 (README).
   for stage in config.stages[3:5]:
     stage.grpo.sft_coef = 1.0
   # Preference is not verifiable: no pass-rate band to filter by.

@@ -10,12 +10,10 @@ The model config and tokenizer are the run's own (`config.json`,
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
 from absl import app, flags
-from ml_collections import ConfigDict
 
 from data.chat import render_prompt
 from pipeline import checkpoint, runner, sampling, sharding
@@ -36,15 +34,14 @@ class Chat:
   """A stage's policy with its tokenizer, answering user messages."""
 
   def __init__(self, workdir: str, stage: str):
-    with open(os.path.join(workdir, 'config.json')) as f:
-      config = ConfigDict(json.load(f))
-    stages = {s['name']: s for s in config.stages}
+    config = runner.load_run_config(workdir)
+    stages = {s.name: s for s in config.stages}
     if stage not in stages:
       raise ValueError(f'--stage={stage!r} is not a stage of {workdir}: {sorted(stages)}')
-    if stages[stage]['kind'] == 'reward_model':
+    if stages[stage].kind == 'reward_model':
       raise ValueError(f'--stage={stage!r} is a reward model, not a policy to sample from')
     self.tokenizer = runner.load_tokenizer(os.path.join(workdir, 'tokenizer'))
-    model_cfg = runner.model_configs(config, self.tokenizer.vocab_size)[stages[stage]['model']]
+    model_cfg = runner.model_configs(config, self.tokenizer.vocab_size)[stages[stage].model]
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     self.spec = state_lib.model_spec(model_cfg, mesh, ())
     self.params = checkpoint.load_params(os.path.join(workdir, stage, 'final'),

@@ -26,6 +26,7 @@ import time
 import jax
 from absl import logging
 from jax.experimental import multihost_utils
+from ml_collections import ConfigDict
 
 from data.hf_tokenizer import HFTokenizer, is_hf_tokenizer_dir
 from data.tokenizer import Tokenizer, train_tokenizer
@@ -127,6 +128,18 @@ def run_data(config) -> tuple[list[dict], list[dict]]:
   eval_ = list(eval_.values())
   stage_data.check_no_leak(train, eval_)
   return train, eval_
+
+
+def load_run_config(workdir: str) -> ConfigDict:
+  """A finished run's resolved config (its config.json), stages included as
+  ConfigDicts, for tools that reload a run's models and data."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path}: not a pipeline run folder (no config.json)')
+  with open(path) as f:
+    config = ConfigDict(json.load(f))
+  config.stages = [ConfigDict(stage) for stage in config.stages]
+  return config
 
 
 def load_tokenizer(folder: str) -> Tokenizer | HFTokenizer:

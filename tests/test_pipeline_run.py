@@ -84,6 +84,13 @@ def test_outputs_of_a_run(tiny_run):
   assert 'sound_accuracy' in summary['untrained']['eval']
   with open(os.path.join(tiny_run, 'config.json')) as f:
     assert json.load(f)['stages'][0]['name'] == 'cold_start_sft'
+  # The band filter's kept prompts and how often the stage reuses each.
+  rl_stem = default.get_config('tiny').stages[3]
+  with open(os.path.join(tiny_run, 'rl_stem', 'filter.json')) as f:
+    kept = json.load(f)
+  assert kept['stats']['kept'] == len(kept['kept']) > 0
+  assert kept['stats']['uses_per_prompt'] == pytest.approx(
+      rl_stem.steps * rl_stem.prompts_per_step / len(kept['kept']))
   assert os.path.exists(os.path.join(tiny_run, 'tokenizer', 'tokenizer.model'))
 
 
@@ -283,3 +290,24 @@ def test_grpo_with_kl_to_the_reference(tiny_run, tmp_path):
   with open(workdir / 'rl_stem' / 'history.json') as f:
     kls = [row['kl_ref'] for row in json.load(f)]
   assert len(kls) == 2 and all(np.isfinite(kls)) and kls[0] == 0.0 <= kls[1]
+
+
+def test_rl_headroom_on_a_stage(tiny_run):
+  """experiments.rl_headroom reloads a finished run (config, data, params) and
+  reports greedy against sampled accuracy on the same items."""
+  env = {**os.environ, 'PYTHONPATH': ROOT}
+  proc = subprocess.run([sys.executable, '-m', 'experiments.rl_headroom', tiny_run, 'distill',
+                         '--k=2', '--temperatures=1.0,0.0'], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(os.path.join(tiny_run, 'distill', 'rl_headroom.json')) as f:
+    result = json.load(f)
+  with open(os.path.join(tiny_run, 'distill', 'eval_items.jsonl')) as f:
+    items = [json.loads(line) for line in f]
+  scored = [i['score'] for i in items if evaluate.is_math(i) or i['task'] in evaluate.CODE_TASKS]
+  overall = result['table']['all']
+  assert overall['n'] == len(scored) and overall['greedy'] == pytest.approx(np.mean(scored))
+  # T = 0 samples are greedy completions: they score what the held-out suite
+  # scored, up to an item whose argmax flips with the batch's padding bucket.
+  assert overall['0.0']['avg'] == pytest.approx(overall['greedy'], abs=1.01 / len(scored))
+  assert '| all |' in proc.stdout
