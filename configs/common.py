@@ -163,7 +163,8 @@ def grpo_stage(name: str, *, model: str, steps: int, sources: dict, rewards: dic
       negative_weight=1.0,  # scales negative advantages; 0 reinforces only the successes
       loss_agg='token_mean',  # DAPO; or 'seq_mean_token_mean' (GRPO), 'seq_mean_token_sum_norm'
       temperature=1.0, max_new_tokens=max_new_tokens,
-      sft_coef=0.0))  # λ: + λ·CE on the sources' reference answers (PPO-ptx anchor)
+      sft_coef=0.0,  # λ: + λ·CE on the sources' reference answers (PPO-ptx anchor)
+      greedy_in_group=False))  # each group's first completion greedy, G - 1 sampled at T
   stage.sampling = ConfigDict(dict(top_k=0, top_p=1.0))
   stage.max_sampling_rounds = 3  # dynamic sampling: extra rollouts to replace zero-variance groups
   stage.dynamic_sampling = True

@@ -45,6 +45,7 @@ class GRPOConfig:
   temperature: float
   max_new_tokens: int  # L
   sft_coef: float  # λ of the CE anchor on the stage's reference answers (0 = none)
+  greedy_in_group: bool = False  # each group's first completion is the greedy one
 
 
 class PromptIterator:
@@ -155,13 +156,34 @@ class Roller:
     self.sampling = sampling.SamplingConfig(max_new_tokens=cfg.max_new_tokens,
                                             temperature=cfg.temperature, top_k=top_k, top_p=top_p)
 
-  def __call__(self, params, prompt_records: list[dict], rng, group_size: int) -> Rollout:
+  def _generate(self, params, prompt_ids, rng, cfg: sampling.SamplingConfig) -> sampling.Samples:
+    return sampling.generate(self.spec, params, prompt_ids, cfg, rng=rng,
+                             end_id=self.tokenizer.end_id, pad_id=self.tokenizer.pad_id,
+                             batch_size=len(prompt_ids))
+
+  def __call__(self, params, prompt_records: list[dict], rng, group_size: int,
+               with_greedy: bool | None = None) -> Rollout:
+    """with_greedy (default cfg.greedy_in_group): each group's first
+    completion is the greedy one, the other G - 1 are sampled at T; the
+    group's advantages then rank the samples against what greedy decoding,
+    the held-out suite's decoding, would answer."""
+    with_greedy = self.cfg.greedy_in_group if with_greedy is None else with_greedy
     records = [r for r in prompt_records for _ in range(group_size)]
     prompt_ids = [render_prompt(stage_data.generation_prompt(r), self.tokenizer)
                   for r in records]
-    samples = sampling.generate(self.spec, params, prompt_ids, self.sampling, rng=rng,
-                                end_id=self.tokenizer.end_id, pad_id=self.tokenizer.pad_id,
-                                batch_size=len(records))
+    if with_greedy:
+      first = np.arange(len(records)) % group_size == 0
+      greedy = self._generate(params, [p for p, f in zip(prompt_ids, first) if f], rng,
+                              dataclasses.replace(self.sampling, temperature=0.0))
+      sampled = self._generate(params, [p for p, f in zip(prompt_ids, first) if not f], rng,
+                               self.sampling)
+      samples = sampling.Samples(*[np.zeros((len(records),) + np.shape(g)[1:], g.dtype)
+                                   for g in dataclasses.astuple(greedy)])
+      for field in dataclasses.fields(samples):
+        getattr(samples, field.name)[first] = getattr(greedy, field.name)
+        getattr(samples, field.name)[~first] = getattr(sampled, field.name)
+    else:
+      samples = self._generate(params, prompt_ids, rng, self.sampling)
     completions = evaluate.decode_all(samples, self.tokenizer)
     prompts = [self.tokenizer.decode(p) for p in prompt_ids]
     total, per_function, stats = self.reward_system(
@@ -210,7 +232,7 @@ def pass_rate_filter(roller: Roller, params, records: list[dict], cfg, correctne
   for start in range(0, len(records), chunk):
     part = records[start:start + chunk]
     key, sub = jax.random.split(key)
-    rollout = roller(params, part, sub, cfg.k)
+    rollout = roller(params, part, sub, cfg.k, with_greedy=False)
     rate = solved(rollout, correctness).reshape(len(part), cfg.k).mean(axis=1)
     rates += rate.tolist()
     kept += [r for r, p in zip(part, rate) if cfg.low <= p <= cfg.high]

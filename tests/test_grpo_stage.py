@@ -139,3 +139,32 @@ def test_groups_are_judged_by_the_verifier_not_the_shaped_total():
   # No verifier (a preference stage): the total reward decides.
   assert grpo.uninformative_groups(rollout, ('code',), 2).tolist() == [False, False, True]
   assert not grpo.solved(rollout, ('code',)).any()
+
+
+def test_greedy_in_group_puts_the_greedy_completion_first(tmp_path):
+  """grpo.greedy_in_group: each group's first row is the greedy completion (the
+  one the held-out suite scores), the other G - 1 are sampled at T; the
+  pass-rate filter keeps pure samples."""
+  from data.tokenizer import train_tokenizer
+  tok = train_tokenizer(['Calculate 12 + 30.', 'What is 7 times 6?', 'The answer is 42.'] * 20,
+                        300, str(tmp_path))
+  cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=32, num_layers=2, num_heads=4,
+                    num_kv_heads=2, head_dim=8, mlp_dim=64)
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  spec = state_lib.model_spec(cfg, mesh, ())
+  params = state_lib.init_params(spec, seed=1)
+  unscored = lambda prompts, completions, **columns: (np.zeros(len(completions)), {}, {})
+  gcfg = dataclasses.replace(GCFG, greedy_in_group=True, temperature=1.5, max_new_tokens=6)
+  roller = grpo.Roller(spec, tok, unscored, gcfg, top_k=0, top_p=1.0)
+  records = [{'task': 'math', 'messages': [{'role': 'user', 'content': text}]}
+             for text in ('Calculate 12 + 30.', 'What is 7 times 6?')]
+  rollout = roller(params, records, jax.random.key(0), group_size=4)
+  greedy = sampling.generate(spec, params, rollout.prompt_ids[::4],
+                             sampling.SamplingConfig(max_new_tokens=6), rng=jax.random.key(0),
+                             end_id=tok.end_id, pad_id=tok.pad_id)
+  np.testing.assert_array_equal(rollout.samples.tokens[::4], greedy.tokens)
+  np.testing.assert_array_equal(rollout.samples.lengths[::4], greedy.lengths)
+  sampled = np.delete(rollout.samples.tokens, np.s_[::4], axis=0)
+  assert (sampled != np.repeat(greedy.tokens, 3, axis=0)).any(axis=1).all()  # T = 1.5
+  pure = roller(params, records, jax.random.key(0), group_size=4, with_greedy=False)
+  assert (pure.samples.tokens != np.repeat(greedy.tokens, 4, axis=0)).any(axis=1).all()
