@@ -24,13 +24,10 @@ import collections
 import json
 import os
 
-import jax
 import numpy as np
 from absl import app, flags
 
-from data.chat import render_prompt
-from pipeline import checkpoint, evaluate, runner, sampling, sharding
-from pipeline import state as state_lib
+from pipeline import evaluate, runner
 
 _K = flags.DEFINE_integer('k', 8, 'Samples per item and temperature.')
 _TEMPERATURES = flags.DEFINE_list('temperatures', ['1.0', '0.5'], 'Sampling temperatures T.')
@@ -40,14 +37,11 @@ _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 def sample_scores(spec, params, tokenizer, records: list[dict], *, k: int, temperature: float,
                   max_new_tokens: int, seed: int) -> np.ndarray:
   """[N, k] the suite's scores of k completions per record sampled at `temperature`."""
-  prompts = [render_prompt(evaluate.eval_input(r), tokenizer) for r in records for _ in range(k)]
-  samples = sampling.generate(
-      spec, params, prompts,
-      sampling.SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature),
-      rng=jax.random.key(seed), end_id=tokenizer.end_id, pad_id=tokenizer.pad_id,
-      batch_size=128)
-  completions = evaluate.decode_all(samples, tokenizer)
-  scores = evaluate.score_completions([r for r in records for _ in range(k)], completions)
+  repeated = [r for r in records for _ in range(k)]
+  completions = evaluate.generate_answers(spec, params, tokenizer, repeated,
+                                          max_new_tokens=max_new_tokens, batch_size=128,
+                                          seed=seed, temperature=temperature)
+  scores = evaluate.score_completions(repeated, completions)
   return np.asarray(scores, np.float32).reshape(len(records), k)
 
 
@@ -83,26 +77,17 @@ def main(argv):
     raise app.UsageError('usage: python -m experiments.rl_headroom WORKDIR STAGE [--k=8] '
                          '[--temperatures=1.0,0.5]')
   workdir, stage = argv[1:]
-  config = runner.load_run_config(workdir)
-  stages = {s.name: s for s in config.stages}
-  if stage not in stages or stages[stage].kind == 'reward_model':
-    raise ValueError(f'{stage!r} is not a policy stage of {workdir}: {sorted(stages)}')
+  config, tokenizer, spec, params = runner.load_policy(workdir, stage)
   items_path = os.path.join(workdir, stage, 'eval_items.jsonl')
   if not os.path.exists(items_path):
     raise FileNotFoundError(f'{items_path}: run the stage (its held-out evaluation) first')
   greedy = {i['id']: i['score'] for i in map(json.loads, open(items_path))}
   _, eval_records = runner.run_data(config)
   records = [r for r in eval_records if evaluate.is_math(r) or r['task'] in evaluate.CODE_TASKS]
-
-  tokenizer = runner.load_tokenizer(os.path.join(workdir, 'tokenizer'))
-  model_cfg = runner.model_configs(config, tokenizer.vocab_size)[stages[stage].model]
-  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-  spec = state_lib.model_spec(model_cfg, mesh, ())
-  params = checkpoint.load_params(os.path.join(workdir, stage, 'final'),
-                                  state_lib.abstract_params(spec))
+  max_new_tokens = {s.name: s for s in config.stages}[stage].eval.max_new_tokens
   temperatures = [float(t) for t in _TEMPERATURES.value]
   sampled = {t: sample_scores(spec, params, tokenizer, records, k=_K.value, temperature=t,
-                              max_new_tokens=stages[stage].eval.max_new_tokens,
+                              max_new_tokens=max_new_tokens,
                               seed=_SEED.value)
              for t in temperatures}
   table = headroom(records, greedy, sampled)

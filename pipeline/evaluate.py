@@ -35,11 +35,14 @@ AGENT_TASKS = ('agent', 'tool_use')  # records scored by agent.score_calls
 
 
 def generate_answers(spec: state_lib.ModelSpec, params, tokenizer, records: Sequence[dict],
-                     *, max_new_tokens: int, batch_size: int, seed: int = 0) -> list[str]:
-  """Greedy completions (decoded text, end token stripped) of each record's prompt."""
+                     *, max_new_tokens: int, batch_size: int, seed: int = 0,
+                     temperature: float = 0.0) -> list[str]:
+  """Completions (decoded text, end token stripped) of each record's prompt:
+  greedy, or sampled at `temperature`."""
   prompts = [render_prompt(eval_input(r), tokenizer) for r in records]
   samples = sampling.generate(
-      spec, params, prompts, sampling.SamplingConfig(max_new_tokens=max_new_tokens),
+      spec, params, prompts,
+      sampling.SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature),
       rng=jax.random.key(seed), end_id=tokenizer.end_id, pad_id=tokenizer.pad_id,
       batch_size=batch_size)
   return decode_all(samples, tokenizer)

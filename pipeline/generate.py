@@ -10,14 +10,11 @@ The model config and tokenizer are the run's own (`config.json`,
 
 from __future__ import annotations
 
-import os
-
 import jax
 from absl import app, flags
 
 from data.chat import render_prompt
-from pipeline import checkpoint, runner, sampling, sharding
-from pipeline import state as state_lib
+from pipeline import runner, sampling
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The run folder.', required=True)
 _STAGE = flags.DEFINE_string('stage', None, 'Stage whose final params to load.', required=True)
@@ -34,18 +31,7 @@ class Chat:
   """A stage's policy with its tokenizer, answering user messages."""
 
   def __init__(self, workdir: str, stage: str):
-    config = runner.load_run_config(workdir)
-    stages = {s.name: s for s in config.stages}
-    if stage not in stages:
-      raise ValueError(f'--stage={stage!r} is not a stage of {workdir}: {sorted(stages)}')
-    if stages[stage].kind == 'reward_model':
-      raise ValueError(f'--stage={stage!r} is a reward model, not a policy to sample from')
-    self.tokenizer = runner.load_tokenizer(os.path.join(workdir, 'tokenizer'))
-    model_cfg = runner.model_configs(config, self.tokenizer.vocab_size)[stages[stage].model]
-    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-    self.spec = state_lib.model_spec(model_cfg, mesh, ())
-    self.params = checkpoint.load_params(os.path.join(workdir, stage, 'final'),
-                                         state_lib.abstract_params(self.spec))
+    _, self.tokenizer, self.spec, self.params = runner.load_policy(workdir, stage)
 
   def reply(self, messages: list[dict], cfg: sampling.SamplingConfig, seed: int = 0) -> str:
     prompt = render_prompt(messages, self.tokenizer)

@@ -177,11 +177,11 @@ class Roller:
                               dataclasses.replace(self.sampling, temperature=0.0))
       sampled = self._generate(params, [p for p, f in zip(prompt_ids, first) if not f], rng,
                                self.sampling)
-      samples = sampling.Samples(*[np.zeros((len(records),) + np.shape(g)[1:], g.dtype)
-                                   for g in dataclasses.astuple(greedy)])
-      for field in dataclasses.fields(samples):
-        getattr(samples, field.name)[first] = getattr(greedy, field.name)
-        getattr(samples, field.name)[~first] = getattr(sampled, field.name)
+      # Row i of the concatenation [greedy; sampled] goes back to its place.
+      order = np.argsort(np.concatenate([np.flatnonzero(first), np.flatnonzero(~first)]))
+      samples = sampling.Samples(*[
+          np.concatenate([getattr(greedy, f.name), getattr(sampled, f.name)])[order]
+          for f in dataclasses.fields(sampling.Samples)])
     else:
       samples = self._generate(params, prompt_ids, rng, self.sampling)
     completions = evaluate.decode_all(samples, self.tokenizer)

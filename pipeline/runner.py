@@ -142,6 +142,23 @@ def load_run_config(workdir: str) -> ConfigDict:
   return config
 
 
+def load_policy(workdir: str, stage: str):
+  """(run config, tokenizer, model spec, params) of a finished policy stage,
+  on one device: for tools that sample from a run's checkpoints."""
+  config = load_run_config(workdir)
+  stages = {s.name: s for s in config.stages}
+  if stage not in stages:
+    raise ValueError(f'stage {stage!r} is not a stage of {workdir}: {sorted(stages)}')
+  if stages[stage].kind == 'reward_model':
+    raise ValueError(f'stage {stage!r} is a reward model, not a policy to sample from')
+  tokenizer = load_tokenizer(os.path.join(workdir, 'tokenizer'))
+  model_cfg = model_configs(config, tokenizer.vocab_size)[stages[stage].model]
+  spec = state_lib.model_spec(model_cfg, sharding.make_mesh((1, 1, 1), jax.devices()[:1]), ())
+  params = checkpoint.load_params(os.path.join(workdir, stage, 'final'),
+                                  state_lib.abstract_params(spec))
+  return config, tokenizer, spec, params
+
+
 def load_tokenizer(folder: str) -> Tokenizer | HFTokenizer:
   """A run's tokenizer folder: a checkpoint's tokenizer files, or ours."""
   if is_hf_tokenizer_dir(folder):
