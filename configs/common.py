@@ -61,8 +61,11 @@ def sft_stage(name: str, *, model: str, steps: int, batch_size: int, seq_len: in
       data=ConfigDict(dict(sources=ConfigDict(sources), curriculum=tuple(curriculum),
                            shards=0)),
       # during_training: held-out records scored every eval_every steps (0 = off).
+      # samples: k > 0 also scores k completions per math and code item sampled
+      # at `temperature` (avg@k: pass@1 as the report and RL measure it).
       eval=ConfigDict(dict(max_new_tokens=eval_max_new_tokens, batch_size=64,
-                           max_chat_len=256, during_training=0, eval_every=0)),
+                           max_chat_len=256, during_training=0, eval_every=0,
+                           samples=0, temperature=0.5)),
       checkpoint_every=max(steps // 4, 1), log_every=max(min(steps // 20, 50), 1)))
 
 

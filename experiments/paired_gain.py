@@ -9,7 +9,8 @@ Compares each later stage with the first one on the same held-out items
 when its reasoning holds up too (`sound` in the items file). Paired, because
 both stages answered the same items: the gain's standard error is
 sd(score_b - score_a) / sqrt(n), and `better` / `worse` count the items that
-changed. |z| >= 2 is a change
+changed; the `(avg@k)` groups compare the mean score of k completions per
+item sampled at eval.temperature, where both stages set eval.samples. |z| >= 2 is a change
 that item-sampling noise rarely produces (about 1 time in 20).
 Prints a markdown table and writes it as JSON next to the run's summary.
 """
@@ -58,6 +59,12 @@ def compare(items_a: dict[str, dict], items_b: dict[str, dict]) -> dict[str, dic
   if sound:
     out['math (sound)'] = paired([float(items_a[i]['sound']) for i in sound],
                                  [float(items_b[i]['sound']) for i in sound])
+  for name, group in groups.items():
+    sampled = [i for i in group if items_a[i].get('sampled') is not None
+               and items_b[i].get('sampled') is not None]
+    if sampled:
+      out[f'{name} (avg@k)'] = paired([items_a[i]['sampled'] for i in sampled],
+                                      [items_b[i]['sampled'] for i in sampled])
   return out
 
 

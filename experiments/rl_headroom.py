@@ -34,17 +34,6 @@ _TEMPERATURES = flags.DEFINE_list('temperatures', ['1.0', '0.5'], 'Sampling temp
 _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 
 
-def sample_scores(spec, params, tokenizer, records: list[dict], *, k: int, temperature: float,
-                  max_new_tokens: int, seed: int) -> np.ndarray:
-  """[N, k] the suite's scores of k completions per record sampled at `temperature`."""
-  repeated = [r for r in records for _ in range(k)]
-  completions = evaluate.generate_answers(spec, params, tokenizer, repeated,
-                                          max_new_tokens=max_new_tokens, batch_size=128,
-                                          seed=seed, temperature=temperature)
-  scores = evaluate.score_completions(repeated, completions)
-  return np.asarray(scores, np.float32).reshape(len(records), k)
-
-
 def headroom(records: list[dict], greedy: dict[str, float],
              sampled: dict[float, np.ndarray]) -> dict[str, dict]:
   """{'task/Llevel': {n, greedy, T: {avg, pass}}} plus an 'all' row."""
@@ -86,9 +75,9 @@ def main(argv):
   records = [r for r in eval_records if evaluate.is_math(r) or r['task'] in evaluate.CODE_TASKS]
   max_new_tokens = {s.name: s for s in config.stages}[stage].eval.max_new_tokens
   temperatures = [float(t) for t in _TEMPERATURES.value]
-  sampled = {t: sample_scores(spec, params, tokenizer, records, k=_K.value, temperature=t,
-                              max_new_tokens=max_new_tokens,
-                              seed=_SEED.value)
+  sampled = {t: evaluate.sample_scores(spec, params, tokenizer, records, k=_K.value,
+                                       temperature=t, max_new_tokens=max_new_tokens,
+                                       batch_size=128, seed=_SEED.value)
              for t in temperatures}
   table = headroom(records, greedy, sampled)
   print(markdown(table, temperatures, _K.value))

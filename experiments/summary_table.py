@@ -17,6 +17,10 @@ COLUMNS = (
     ('call_accuracy/agent', 'BFCL calls'), ('call_accuracy/tool_use', 'tool calls'),
     ('perplexity/chat', 'chat ppl'),
 )
+# Where stages set eval.samples = k: avg@k of completions sampled at
+# eval.temperature (pass@1 as the report and RL measure it).
+SAMPLED_COLUMNS = (('sampled/accuracy', 'math avg@k'),
+                   ('sampled/pass@1/code_gen', 'code avg@k'))
 
 
 def reward_trend(workdir: str, stage: str, window: int = 5) -> tuple[float, float] | None:
@@ -35,8 +39,6 @@ def reward_trend(workdir: str, stage: str, window: int = 5) -> tuple[float, floa
 
 def table(summary: dict, workdir: str | None = None) -> str:
   fmt = lambda v: '-' if v is None else (f'{v:.3f}' if v < 100 else f'{v:,.0f}')
-  head = '| stage | kind | ' + ' | '.join(c[1] for c in COLUMNS) + ' | wall s | notes |'
-  lines = [head, '|' + '---|' * (len(COLUMNS) + 4)]
   rows = []
   if summary.get('untrained'):
     rows.append(('untrained', f"init ({summary['untrained']['model']})",
@@ -44,6 +46,9 @@ def table(summary: dict, workdir: str | None = None) -> str:
   for stage in summary['stages']:
     if stage['status'] == 'done':
       rows.append((stage['name'], stage['kind'], stage['eval'], stage['wall_s']))
+  columns = COLUMNS + tuple(c for c in SAMPLED_COLUMNS if any(c[0] in ev for *_, ev, _ in rows))
+  head = '| stage | kind | ' + ' | '.join(c[1] for c in columns) + ' | wall s | notes |'
+  lines = [head, '|' + '---|' * (len(columns) + 4)]
   for name, kind, ev, wall in rows:
     notes = []
     if 'size_ratio' in ev:
@@ -60,7 +65,7 @@ def table(summary: dict, workdir: str | None = None) -> str:
                    f"chat {ev.get('pairwise_accuracy/chat', float('nan')):.3f})")
     if 'filter/kept' in ev:
       notes.append(f"filter kept {ev['filter/kept']}/{ev['filter/candidates']}")
-    lines.append(f'| {name} | {kind} | ' + ' | '.join(fmt(ev.get(c)) for c, _ in COLUMNS) +
+    lines.append(f'| {name} | {kind} | ' + ' | '.join(fmt(ev.get(c)) for c, _ in columns) +
                  f' | {wall:.0f} | {"; ".join(notes)} |')
   return '\n'.join(lines) + '\n'
 

@@ -9,7 +9,10 @@
   task's tests in the sandbox -> `pass@1/<task>`;
 - agent (BFCL, and generated tool-use tasks): tool calls match an accepted
   answer -> `call_accuracy/agent`, `call_accuracy/tool_use`;
-- conversation: teacher-forced perplexity of the assistant turns -> `perplexity/chat`.
+- conversation: teacher-forced perplexity of the assistant turns -> `perplexity/chat`;
+- with `eval.samples` = k > 0, also pass@1 as the report and RL measure it:
+  the mean score of k completions per math and code item sampled at
+  `eval.temperature` (avg@k) -> `sampled/accuracy`, `sampled/pass@1/<task>`, ...
 """
 
 from __future__ import annotations
@@ -52,6 +55,18 @@ def decode_all(samples: sampling.Samples, tokenizer) -> list[str]:
   """Each row's generated text, the end token stripped."""
   return [tokenizer.decode([t for t in row[:n] if t != tokenizer.end_id])
           for row, n in zip(samples.tokens.tolist(), samples.lengths)]
+
+
+def sample_scores(spec: state_lib.ModelSpec, params, tokenizer, records: Sequence[dict], *,
+                  k: int, temperature: float, max_new_tokens: int, batch_size: int,
+                  seed: int = 0) -> np.ndarray:
+  """[N, k] the suite's scores of k completions per record sampled at `temperature`."""
+  repeated = [r for r in records for _ in range(k)]
+  completions = generate_answers(spec, params, tokenizer, repeated,
+                                 max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                 seed=seed, temperature=temperature)
+  scores = score_completions(repeated, completions)
+  return np.asarray(scores, np.float32).reshape(len(records), k)
 
 
 def code_pass(records: Sequence[dict], completions: Sequence[str]) -> list[float]:
@@ -147,13 +162,17 @@ def perplexity(spec: state_lib.ModelSpec, params, tokenizer, records: Sequence[d
 
 
 def write_items(path: str, records: Sequence[dict], scores: Sequence[float],
-                completions: Sequence[str], sound: Sequence[bool | None]) -> None:
+                completions: Sequence[str], sound: Sequence[bool | None],
+                sampled: dict[str, float] | None = None) -> None:
   """One JSON line per scored item: what paired comparisons of two stages
-  (experiments/paired_gain.py) and a reader of the completions need."""
+  (experiments/paired_gain.py) and a reader of the completions need.
+  sampled: {id: avg@k} of the items that were also sampled."""
+  sampled = sampled or {}
   with open(path, 'w') as f:
     for record, score, completion, flag in zip(records, scores, completions, sound):
       f.write(json.dumps({'id': record['id'], 'task': record['task'],
                           'level': record.get('level'), 'score': score, 'sound': flag,
+                          'sampled': sampled.get(record['id']),
                           'completion': completion}) + '\n')
 
 
@@ -167,7 +186,8 @@ def evaluate(spec: state_lib.ModelSpec, params, tokenizer, records: Sequence[dic
              *, seed: int = 0, items_path: str | None = None) -> dict[str, float]:
   """Held-out metrics of one model on a stage's eval records.
 
-  cfg: the stage's `eval` config (max_new_tokens, batch_size, max_chat_len).
+  cfg: the stage's `eval` config (max_new_tokens, batch_size, max_chat_len;
+  samples and temperature: avg@k of sampled completions, off at samples 0).
   items_path: where to write the per-item scores and completions (write_items).
   """
   chats = [r for r in records if r['task'] == 'chat']
@@ -180,8 +200,16 @@ def evaluate(spec: state_lib.ModelSpec, params, tokenizer, records: Sequence[dic
     scores = score_completions(generated, completions)
     sound = sound_flags(generated, completions)
     metrics.update(summarize(generated, scores, sound))
+    sampled = {}
+    verifiable = [r for r in generated if is_math(r) or r['task'] in CODE_TASKS]
+    if cfg.get('samples', 0) and verifiable:
+      per_item = sample_scores(spec, params, tokenizer, verifiable, k=cfg.samples,
+                               temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+                               batch_size=cfg.batch_size, seed=seed).mean(axis=1)
+      sampled = {r['id']: float(s) for r, s in zip(verifiable, per_item)}
+      metrics.update({f'sampled/{k}': v for k, v in summarize(verifiable, per_item).items()})
     if items_path:
-      write_items(items_path, generated, scores, completions, sound)
+      write_items(items_path, generated, scores, completions, sound, sampled)
   if chats:
     metrics['perplexity/chat'] = perplexity(spec, params, tokenizer, chats,
                                             batch_size=cfg.batch_size, max_len=cfg.max_chat_len)

@@ -2,6 +2,7 @@
 
   python -m pipeline.main --config=configs/default.py --workdir=runs/demo \
       --config.stages.0.steps=10
+  python -m pipeline.main --config=... --workdir=runs/demo --reevaluate=distill  # eval only
 
 Several processes (one per host, or per GPU), each with the same flags plus
 its id; see pipeline/distributed.py and the README ("Scaling past one device"):
@@ -23,6 +24,9 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder of the run.', required=True)
+_REEVALUATE = flags.DEFINE_list(
+    'reevaluate', [], 'Finished stages to score on the held-out suite again under the '
+    "config's eval settings (e.g. eval.samples); trains nothing.")
 _DISTRIBUTED = flags.DEFINE_enum(
     'distributed', 'auto', ['auto', 'on', 'off'],
     "jax.distributed: 'auto' joins when a coordinator address is given or on a Cloud TPU VM; "
@@ -69,7 +73,10 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   loop.install_sigterm_handler()
   try:
-    runner.run_pipeline(_CONFIG.value, _WORKDIR.value)
+    if _REEVALUATE.value:
+      runner.reevaluate(_CONFIG.value, _WORKDIR.value, _REEVALUATE.value)
+    else:
+      runner.run_pipeline(_CONFIG.value, _WORKDIR.value)
   except loop.Preempted as e:
     logging.warning('%s; re-run the same command to resume', e)
 

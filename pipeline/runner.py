@@ -74,6 +74,11 @@ def validate(config) -> None:
     raise ValueError(f'config.stages[*].eval.max_new_tokens differ ({budgets}): every stage '
                      'is scored on the run\'s one held-out suite, and its rows compare only '
                      'under one generation budget')
+  sampled = {s.name: (s.eval.samples, s.eval.temperature) for s in config.stages
+             if 'eval' in s and s.eval.get('samples', 0)}
+  if len(set(sampled.values())) > 1:
+    raise ValueError(f'config.stages[*].eval.(samples, temperature) differ ({sampled}): '
+                     'sampled pass@1 compares across stages only under one k and temperature')
   for name, model in config.models.items():
     if _hf_checkpoint(config, name):
       # Reads config.json only: a wrong path or an unsupported architecture
@@ -323,12 +328,9 @@ def _write_eval_table(stage_dir: str, name: str, metrics: dict) -> None:
     f.write('\n'.join(rows) + '\n')
 
 
-def run_pipeline(config, workdir: str) -> dict:
-  """Runs every unfinished stage in order; returns the summary dict."""
-  validate(config)
-  workdir = os.path.abspath(workdir)  # orbax refuses relative checkpoint paths
-  check_workdir(workdir)
-  is_logger = jax.process_index() == 0
+def _setup(config, workdir: str, is_logger: bool):
+  """Writes the run's config.json; returns (mesh, rules, held-out records,
+  tokenizer, model configs): what running or re-evaluating stages needs."""
   if is_logger:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
@@ -336,7 +338,16 @@ def run_pipeline(config, workdir: str) -> dict:
   rules = tuple(tuple(r) for r in config.mesh.rules)
   train_records, eval_records = run_data(config)
   tokenizer = ensure_tokenizer(config, workdir, train_records)
-  models = model_configs(config, tokenizer.vocab_size)
+  return mesh, rules, eval_records, tokenizer, model_configs(config, tokenizer.vocab_size)
+
+
+def run_pipeline(config, workdir: str) -> dict:
+  """Runs every unfinished stage in order; returns the summary dict."""
+  validate(config)
+  workdir = os.path.abspath(workdir)  # orbax refuses relative checkpoint paths
+  check_workdir(workdir)
+  is_logger = jax.process_index() == 0
+  mesh, rules, eval_records, tokenizer, models = _setup(config, workdir, is_logger)
   summary = Summary(workdir, config, write=is_logger)
   if config.eval_untrained and summary.untrained is None:
     summary.untrained = _eval_untrained(config, models, mesh, rules, tokenizer, eval_records,
@@ -385,6 +396,43 @@ def run_pipeline(config, workdir: str) -> dict:
     if stage.name == config.stop_after:
       logging.info('stopping after %s (config.stop_after)', stage.name)
       break
+  return {'stages': summary.stages}
+
+
+def reevaluate(config, workdir: str, names: list[str]) -> dict:
+  """Scores finished stages' final params on the held-out suite again, under
+  `config`'s eval settings (e.g. eval.samples turned on after the run), and
+  updates their summary entries, eval.md and eval_items.jsonl; trains nothing."""
+  validate(config)
+  workdir = os.path.abspath(workdir)
+  if not os.path.exists(os.path.join(workdir, 'summary.json')):
+    raise FileNotFoundError(f'{workdir}: no summary.json, nothing to re-evaluate')
+  is_logger = jax.process_index() == 0
+  summary = Summary(workdir, config, write=is_logger)
+  index = {s.name: i for i, s in enumerate(config.stages)}
+  for name in names:
+    if name not in index:
+      raise ValueError(f'--reevaluate: {name!r} is not a stage of the config ({sorted(index)})')
+    if config.stages[index[name]].kind == 'reward_model':
+      raise ValueError(f'--reevaluate: {name!r} is a reward model; it has no held-out suite')
+    if summary.entry(name)['status'] != 'done':
+      raise ValueError(f'--reevaluate: stage {name!r} has not finished in {workdir}; run it')
+  mesh, rules, eval_records, tokenizer, models = _setup(config, workdir, is_logger)
+  for name in names:
+    stage, stage_dir = config.stages[index[name]], os.path.join(workdir, name)
+    with jax.set_mesh(mesh):
+      spec = state_lib.model_spec(models[stage.model], mesh, rules)
+      params = checkpoint.load_params(os.path.join(stage_dir, 'final'),
+                                      state_lib.abstract_params(spec))
+      metrics = evaluate.evaluate(
+          spec, params, tokenizer, eval_records, stage.eval, seed=config.seed + index[name],
+          items_path=os.path.join(stage_dir, loop.EVAL_ITEMS_FILE) if is_logger else None)
+    entry = summary.entry(name)
+    entry['eval'].update(metrics)
+    summary.save()
+    if is_logger:
+      _write_eval_table(stage_dir, name, entry['eval'])
+    logging.info('stage %s re-evaluated: %s', name, metrics)
   return {'stages': summary.stages}
 
 

@@ -66,3 +66,25 @@ def test_command_line_writes_table_and_json(tmp_path, capsys):
   assert '| rl_stem | math (sound) | 3 | 0.333 | 0.667 | +0.333 |' in out
   with open(tmp_path / 'paired_gain_distill.json') as f:
     assert json.load(f)['rl_stem']['gcd']['better'] == 1
+
+
+def test_sampled_scores_compare_as_their_own_groups(tmp_path):
+  """Items with `sampled` (avg@k, eval.samples) get `(avg@k)` groups next to
+  the greedy ones; items without it (tool calls, chats) get none."""
+  task_of = lambda i: i.split('/')[0]
+  a = _items({'gcd/0': 0.0, 'gcd/1': 1.0, 'code_gen/0': 1.0, 'tool_use/0': 0.0}, task_of)
+  b = _items({'gcd/0': 0.0, 'gcd/1': 1.0, 'code_gen/0': 1.0, 'tool_use/0': 0.0}, task_of)
+  for items, sampled in ((a, (0.25, 0.5, 0.5)), (b, (0.5, 1.0, 0.25))):
+    for key, value in zip(('gcd/0', 'gcd/1', 'code_gen/0'), sampled):
+      items[key]['sampled'] = value
+  result = paired_gain.compare(a, b)
+  assert result['math']['gain'] == 0.0
+  assert result['math (avg@k)']['n'] == 2
+  assert result['math (avg@k)']['gain'] == pytest.approx((0.25 + 0.5) / 2)
+  assert result['code (avg@k)']['gain'] == pytest.approx(-0.25)
+  assert 'tool calls (avg@k)' not in result
+  path = tmp_path / 'items.jsonl'
+  evaluate.write_items(str(path), list(b.values()), [x['score'] for x in b.values()],
+                       [''] * len(b), [None] * len(b), {'gcd/0': 0.5})
+  read = evaluate.read_items(str(path))
+  assert read['gcd/0']['sampled'] == 0.5 and read['gcd/1']['sampled'] is None

@@ -311,3 +311,51 @@ def test_rl_headroom_on_a_stage(tiny_run):
   # scored, up to an item whose argmax flips with the batch's padding bucket.
   assert overall['0.0']['avg'] == pytest.approx(overall['greedy'], abs=1.01 / len(scored))
   assert '| all |' in proc.stdout
+
+
+def test_reevaluate_adds_sampled_pass_at_1(tiny_run, tmp_path):
+  """--reevaluate scores finished stages again under new eval settings
+  (here eval.samples) without training: avg@k joins the summary and the
+  items file, the stage's other metrics and params stay."""
+  workdir = str(tmp_path / 'run')
+  runner.copy_run_without(tiny_run, workdir, [])
+  with open(os.path.join(workdir, 'summary.json')) as f:
+    before = {s['name']: s for s in json.load(f)['stages']}
+  samples = [f'--config.stages.{i}.eval.{key}={value}' for i in (2, 3)
+             for key, value in (('samples', 2), ('temperature', 0.0))]
+  proc = cli(workdir, '--reevaluate=distill,rl_stem', *samples)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(os.path.join(workdir, 'summary.json')) as f:
+    after = {s['name']: s for s in json.load(f)['stages']}
+  for name in ('distill', 'rl_stem'):
+    assert after[name]['steps'] == before[name]['steps']
+    assert 'sampled/accuracy' in after[name]['eval'] and 'sampled/accuracy' not in before[name]['eval']
+    items = evaluate.read_items(os.path.join(workdir, name, loop.EVAL_ITEMS_FILE))
+    verifiable = [i for i in items.values()
+                  if evaluate.is_math(i) or i['task'] in evaluate.CODE_TASKS]
+    assert all(i['sampled'] is not None for i in verifiable)
+    assert all(i['sampled'] is None for i in items.values() if i['task'] in evaluate.AGENT_TASKS)
+    # T = 0 samples are greedy completions: avg@k is the greedy score, up to
+    # an item whose argmax flips with the batch's padding bucket.
+    greedy, sampled = (np.mean([i[key] for i in verifiable]) for key in ('score', 'sampled'))
+    assert sampled == pytest.approx(greedy, abs=1.01 / len(verifiable))
+  assert after['distill']['eval']['size_ratio'] == before['distill']['eval']['size_ratio']
+  assert after['rl_code'] == before['rl_code']  # not asked for
+
+
+def test_reevaluate_bad_stage_names(tiny_run, tmp_path):
+  config = default.get_config('tiny')
+  with pytest.raises(ValueError, match="'nope' is not a stage"):
+    runner.reevaluate(config, tiny_run, ['nope'])
+  with pytest.raises(ValueError, match="'reward_model' is a reward model"):
+    runner.reevaluate(config, tiny_run, ['reward_model'])
+  workdir = str(tmp_path / 'run')
+  runner.copy_run_without(tiny_run, workdir, ['rl_preference'])
+  with pytest.raises(ValueError, match="'rl_preference' has not finished"):
+    runner.reevaluate(config, workdir, ['rl_preference'])
+
+
+def test_unequal_sampled_eval_settings_are_an_error(tmp_path):
+  proc = cli(str(tmp_path), '--config.stages.2.eval.samples=4',
+             '--config.stages.3.eval.samples=8')
+  assert proc.returncode != 0 and 'eval.(samples, temperature) differ' in proc.stderr

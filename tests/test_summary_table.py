@@ -24,3 +24,16 @@ def test_table_rows_and_reward_trend(tmp_path):
   assert lines[3].startswith('| sft | sft | 0.250 |') and '1,234' in lines[3]
   assert 'train reward 0.30 -> 0.80 (first/last 5 logs)' in lines[4]
   assert 'filter kept 7/64' in lines[4]
+
+
+def test_sampled_columns_only_when_a_stage_has_them():
+  stage = lambda name, ev: {'name': name, 'kind': 'grpo', 'status': 'done', 'wall_s': 1.0,
+                            'eval': ev}
+  plain = summary_table.table({'stages': [stage('a', {'accuracy': 0.5})]})
+  assert 'avg@k' not in plain
+  lines = summary_table.table({'stages': [
+      stage('a', {'accuracy': 0.5}),
+      stage('b', {'accuracy': 0.5, 'sampled/accuracy': 0.25, 'sampled/pass@1/code_gen': 0.75})],
+  }).splitlines()
+  assert lines[0].endswith('| math avg@k | code avg@k | wall s | notes |')
+  assert lines[2].endswith('| - | - | 1 |  |') and lines[3].endswith('| 0.250 | 0.750 | 1 |  |')
