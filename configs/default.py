@@ -161,7 +161,8 @@ def get_config(arg: str | None = None):
   # T = 0.5 (avg@8; ~3 minutes a stage). Greedy accuracy stays the main column.
   if not tiny:
     for stage in config.stages[2:]:
-      stage.eval.samples = 8
+      if stage.kind != 'reward_model':
+        stage.eval.samples = 8
   # Preference is not verifiable: no pass-rate band to filter by.
   config.stages[-1].filter.enabled = False
   if not tiny:  # 8 pairs a step made the step 1.6x slower for a DPO term that saturates early

@@ -18,9 +18,10 @@ COLUMNS = (
     ('perplexity/chat', 'chat ppl'),
 )
 # Where stages set eval.samples = k: avg@k of completions sampled at
-# eval.temperature (pass@1 as the report and RL measure it).
-SAMPLED_COLUMNS = (('sampled/accuracy', 'math avg@k'),
-                   ('sampled/pass@1/code_gen', 'code avg@k'))
+# eval.temperature (pass@1 as the report and RL measure it); the header
+# names k and T.
+SAMPLED_COLUMNS = (('sampled/accuracy', 'math avg@{k} T={t}'),
+                   ('sampled/pass@1/code_gen', 'code avg@{k} T={t}'))
 
 
 def reward_trend(workdir: str, stage: str, window: int = 5) -> tuple[float, float] | None:
@@ -46,7 +47,10 @@ def table(summary: dict, workdir: str | None = None) -> str:
   for stage in summary['stages']:
     if stage['status'] == 'done':
       rows.append((stage['name'], stage['kind'], stage['eval'], stage['wall_s']))
-  columns = COLUMNS + tuple(c for c in SAMPLED_COLUMNS if any(c[0] in ev for *_, ev, _ in rows))
+  sampled = next(((ev['sampled/k'], ev['sampled/temperature']) for *_, ev, _ in rows
+                  if 'sampled/k' in ev), None)
+  columns = COLUMNS + tuple((key, label.format(k=sampled[0], t=sampled[1]))
+                            for key, label in SAMPLED_COLUMNS if sampled)
   head = '| stage | kind | ' + ' | '.join(c[1] for c in columns) + ' | wall s | notes |'
   lines = [head, '|' + '---|' * (len(columns) + 4)]
   for name, kind, ev, wall in rows:

@@ -208,6 +208,7 @@ def evaluate(spec: state_lib.ModelSpec, params, tokenizer, records: Sequence[dic
                                batch_size=cfg.batch_size, seed=seed).mean(axis=1)
       sampled = {r['id']: float(s) for r, s in zip(verifiable, per_item)}
       metrics.update({f'sampled/{k}': v for k, v in summarize(verifiable, per_item).items()})
+      metrics.update({'sampled/k': cfg.samples, 'sampled/temperature': cfg.temperature})
     if items_path:
       write_items(items_path, generated, scores, completions, sound, sampled)
   if chats:

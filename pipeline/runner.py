@@ -328,10 +328,11 @@ def _write_eval_table(stage_dir: str, name: str, metrics: dict) -> None:
     f.write('\n'.join(rows) + '\n')
 
 
-def _setup(config, workdir: str, is_logger: bool):
-  """Writes the run's config.json; returns (mesh, rules, held-out records,
-  tokenizer, model configs): what running or re-evaluating stages needs."""
-  if is_logger:
+def _setup(config, workdir: str, write_config: bool):
+  """(mesh, rules, held-out records, tokenizer, model configs): what running
+  or re-evaluating stages needs; write_config: record `config` in the run's
+  config.json."""
+  if write_config:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
   mesh = sharding.make_mesh(tuple(config.mesh.shape))
@@ -347,7 +348,7 @@ def run_pipeline(config, workdir: str) -> dict:
   workdir = os.path.abspath(workdir)  # orbax refuses relative checkpoint paths
   check_workdir(workdir)
   is_logger = jax.process_index() == 0
-  mesh, rules, eval_records, tokenizer, models = _setup(config, workdir, is_logger)
+  mesh, rules, eval_records, tokenizer, models = _setup(config, workdir, write_config=is_logger)
   summary = Summary(workdir, config, write=is_logger)
   if config.eval_untrained and summary.untrained is None:
     summary.untrained = _eval_untrained(config, models, mesh, rules, tokenizer, eval_records,
@@ -402,7 +403,8 @@ def run_pipeline(config, workdir: str) -> dict:
 def reevaluate(config, workdir: str, names: list[str]) -> dict:
   """Scores finished stages' final params on the held-out suite again, under
   `config`'s eval settings (e.g. eval.samples turned on after the run), and
-  updates their summary entries, eval.md and eval_items.jsonl; trains nothing."""
+  updates their summary entries, eval.md and eval_items.jsonl; trains nothing
+  and leaves config.json (the config that trained them) as it was."""
   validate(config)
   workdir = os.path.abspath(workdir)
   if not os.path.exists(os.path.join(workdir, 'summary.json')):
@@ -417,7 +419,9 @@ def reevaluate(config, workdir: str, names: list[str]) -> dict:
       raise ValueError(f'--reevaluate: {name!r} is a reward model; it has no held-out suite')
     if summary.entry(name)['status'] != 'done':
       raise ValueError(f'--reevaluate: stage {name!r} has not finished in {workdir}; run it')
-  mesh, rules, eval_records, tokenizer, models = _setup(config, workdir, is_logger)
+  # config.json stays the config that trained the stages; the eval settings
+  # used here are in the metrics (sampled/k, sampled/temperature).
+  mesh, rules, eval_records, tokenizer, models = _setup(config, workdir, write_config=False)
   for name in names:
     stage, stage_dir = config.stages[index[name]], os.path.join(workdir, name)
     with jax.set_mesh(mesh):

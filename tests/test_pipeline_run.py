@@ -340,6 +340,10 @@ def test_reevaluate_adds_sampled_pass_at_1(tiny_run, tmp_path):
     greedy, sampled = (np.mean([i[key] for i in verifiable]) for key in ('score', 'sampled'))
     assert sampled == pytest.approx(greedy, abs=1.01 / len(verifiable))
   assert after['distill']['eval']['size_ratio'] == before['distill']['eval']['size_ratio']
+  assert after['distill']['eval']['sampled/k'] == 2
+  with open(os.path.join(workdir, 'config.json')) as f, open(
+      os.path.join(tiny_run, 'config.json')) as g:
+    assert f.read() == g.read()  # still the config that trained the stages
   assert after['rl_code'] == before['rl_code']  # not asked for
 
 

@@ -30,10 +30,11 @@ def test_sampled_columns_only_when_a_stage_has_them():
   stage = lambda name, ev: {'name': name, 'kind': 'grpo', 'status': 'done', 'wall_s': 1.0,
                             'eval': ev}
   plain = summary_table.table({'stages': [stage('a', {'accuracy': 0.5})]})
-  assert 'avg@k' not in plain
+  assert 'avg@' not in plain
   lines = summary_table.table({'stages': [
       stage('a', {'accuracy': 0.5}),
-      stage('b', {'accuracy': 0.5, 'sampled/accuracy': 0.25, 'sampled/pass@1/code_gen': 0.75})],
+      stage('b', {'accuracy': 0.5, 'sampled/accuracy': 0.25, 'sampled/pass@1/code_gen': 0.75,
+                  'sampled/k': 8, 'sampled/temperature': 0.5})],
   }).splitlines()
-  assert lines[0].endswith('| math avg@k | code avg@k | wall s | notes |')
+  assert lines[0].endswith('| math avg@8 T=0.5 | code avg@8 T=0.5 | wall s | notes |')
   assert lines[2].endswith('| - | - | 1 |  |') and lines[3].endswith('| 0.250 | 0.750 | 1 |  |')
