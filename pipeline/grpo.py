@@ -115,20 +115,30 @@ def train_step(state, batch, *, spec, tx, schedule, cfg: GRPOConfig):
   'sft' (a packed SFT batch) when sft_coef λ > 0: the loss is then
   GRPO + λ·CE on reference answers (InstructGPT's PPO-ptx anchor).
   """
-  def loss_fn(params):
+  def policy_loss(params):
     logp, entropy = policy_log_probs(params, batch, spec, cfg.temperature)
-    loss, metrics = grpo_losses.grpo_loss(
+    return grpo_losses.grpo_loss(
         logp, batch['old_logp'], batch['advantages'], batch['mask'],
         epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, beta=cfg.beta,
         ref_logp_bt=batch.get('ref_logp'), loss_agg=cfg.loss_agg,
         max_tokens=cfg.max_new_tokens, truncated_b=batch['truncated'], entropy_bt=entropy)
-    if cfg.sft_coef > 0:
-      ce_sum, sums = sft.loss_and_metrics(params, batch['sft'], spec)
-      ce = ce_sum / jnp.maximum(sums['num_tokens'], 1.0)
-      loss = loss + cfg.sft_coef * ce
-      metrics = {**metrics, 'policy_loss': metrics['loss'], 'sft_loss': ce, 'loss': loss}
-    return loss, metrics
-  grads, metrics = jax.grad(loss_fn, has_aux=True)(state['params'])
+
+  def anchor_loss(params):
+    ce_sum, sums = sft.loss_and_metrics(params, batch['sft'], spec)
+    return cfg.sft_coef * ce_sum / jnp.maximum(sums['num_tokens'], 1.0)
+
+  grads, metrics = jax.grad(policy_loss, has_aux=True)(state['params'])
+  if cfg.sft_coef > 0:
+    # The two terms read disjoint batches: their gradients separately cost
+    # what the sum's does, and show which term steers the update.
+    anchor, anchor_grads = jax.value_and_grad(anchor_loss)(state['params'])
+    pg_norm, anchor_norm = optax.tree.norm(grads), optax.tree.norm(anchor_grads)
+    metrics = {**metrics, 'policy_loss': metrics['loss'], 'sft_loss': anchor / cfg.sft_coef,
+               'loss': metrics['loss'] + anchor, 'policy_grad_norm': pg_norm,
+               'sft_grad_norm': anchor_norm,  # of λ·CE
+               'grad_cosine': optax.tree.vdot(grads, anchor_grads) /
+                              jnp.maximum(pg_norm * anchor_norm, 1e-12)}
+    grads = jax.tree.map(jnp.add, grads, anchor_grads)
   updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
   new_state = {**state, 'params': optax.apply_updates(state['params'], updates),
                'opt_state': opt_state, 'step': state['step'] + 1}

@@ -6,6 +6,7 @@ import functools
 
 import jax
 import numpy as np
+import optax
 
 from configs import common
 from models.llama import ModelConfig
@@ -87,9 +88,19 @@ def test_sft_anchor_adds_the_reference_cross_entropy():
       losses[coef] = metrics
     ce_sum, sums = sft.loss_and_metrics(params, batch['sft'], spec)
     ce = float(ce_sum / sums['num_tokens'])
+    ce_grads = jax.grad(lambda p: sft.loss_and_metrics(p, batch['sft'], spec)[0] /
+                        sums['num_tokens'])(params)
   np.testing.assert_allclose(losses[0.5]['sft_loss'], ce, rtol=1e-5)
   np.testing.assert_allclose(losses[0.5]['loss'], losses[0.0]['loss'] + 0.5 * ce, rtol=1e-5)
-  assert 'sft_loss' not in losses[0.0]
+  assert 'sft_loss' not in losses[0.0] and 'grad_cosine' not in losses[0.0]
+  # Each term's gradient, and the update's (their sum): |a + b|² = a² + b² + 2ab·cos.
+  m = losses[0.5]
+  np.testing.assert_allclose(m['policy_grad_norm'], losses[0.0]['grad_norm'], rtol=1e-5)
+  np.testing.assert_allclose(m['sft_grad_norm'], 0.5 * float(optax.tree.norm(ce_grads)),
+                             rtol=1e-5)
+  a, b, cos = m['policy_grad_norm'], m['sft_grad_norm'], m['grad_cosine']
+  assert -1.0 <= cos <= 1.0
+  np.testing.assert_allclose(m['grad_norm'] ** 2, a ** 2 + b ** 2 + 2 * a * b * cos, rtol=1e-4)
 
 
 def test_prompt_iterator_resumes_exactly():
