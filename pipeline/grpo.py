@@ -249,6 +249,21 @@ def pass_rate_filter(roller: Roller, params, records: list[dict], cfg, correctne
   return kept, np.asarray(rates)
 
 
+def load_filter(path: str, candidates: list[dict]) -> tuple[list[dict], dict]:
+  """(kept prompts, stats) of a filter.json, the prompts in the order the
+  filter kept them: the order the stage's prompt iterator permutes, so a
+  resumed stage draws the prompts an uninterrupted one does."""
+  with open(path) as f:
+    saved = json.load(f)
+  by_id = {r['id']: r for r in candidates}
+  missing = [i for i in saved['kept'] if i not in by_id]
+  if missing:
+    raise ValueError(f'{path} keeps {len(missing)} prompts that are not among the stage\'s '
+                     f'candidates (e.g. {missing[:3]}): its data changed since the filter ran; '
+                     'delete the file to filter again')
+  return [by_id[i] for i in saved['kept']], saved['stats']
+
+
 def build_batch(rollouts: list[Rollout], groups: list[tuple[int, int]], advantages, *,
                 num_groups: int, group_size: int, seq_len: int) -> dict[str, np.ndarray]:
   """Training rows for the kept groups; missing groups (dynamic sampling ran
@@ -309,11 +324,7 @@ def run(cfg, ctx: loop.StageContext) -> dict:
   candidates = data.all_train()
   filter_path = os.path.join(ctx.stage_dir, 'filter.json')
   if os.path.exists(filter_path):  # resume: the filter ran before the first step
-    with open(filter_path) as f:
-      saved = json.load(f)
-    kept_ids = set(saved['kept'])
-    prompts = [r for r in candidates if r['id'] in kept_ids]
-    filter_stats = saved['stats']
+    prompts, filter_stats = load_filter(filter_path, candidates)
   elif cfg.filter.enabled:
     pool = PromptIterator(candidates, 1, ctx.seed).take(min(cfg.filter.num_candidates,
                                                             len(candidates)))

@@ -3,10 +3,12 @@ ratio 1, prompt order resumes exactly, batches mask filler groups."""
 
 import dataclasses
 import functools
+import json
 
 import jax
 import numpy as np
 import optax
+import pytest
 
 from configs import common
 from models.llama import ModelConfig
@@ -179,3 +181,17 @@ def test_greedy_in_group_puts_the_greedy_completion_first(tmp_path):
   assert (sampled != np.repeat(greedy.tokens, 3, axis=0)).any(axis=1).all()  # T = 1.5
   pure = roller(params, records, jax.random.key(0), group_size=4, with_greedy=False)
   assert (pure.samples.tokens != np.repeat(greedy.tokens, 4, axis=0)).any(axis=1).all()
+
+
+def test_filter_file_restores_the_kept_order(tmp_path):
+  """A resumed stage reads filter.json: its prompts must come back in the
+  order the filter kept them (the prompt iterator permutes that list), not
+  in the candidates' order, or the resumed run trains on other prompts."""
+  candidates = [{'id': f'p{i}'} for i in range(6)]
+  path = tmp_path / 'filter.json'
+  path.write_text(json.dumps({'kept': ['p4', 'p0', 'p3'], 'stats': {'kept': 3}}))
+  prompts, stats = grpo.load_filter(str(path), candidates)
+  assert [p['id'] for p in prompts] == ['p4', 'p0', 'p3'] and stats == {'kept': 3}
+  path.write_text(json.dumps({'kept': ['p4', 'gone'], 'stats': {}}))
+  with pytest.raises(ValueError, match="filter.json keeps 1 prompts .*'gone'"):
+    grpo.load_filter(str(path), candidates)
