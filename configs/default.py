@@ -158,7 +158,7 @@ def get_config(arg: str | None = None):
     stage.grpo.sft_coef = 1.0
   # The student's rows also report pass@1 as the report (and GRPO) measure
   # it: the mean score of 8 completions per math and code item sampled at
-  # T = 0.5 (avg@8; ~3 minutes a stage). Greedy accuracy stays the main column.
+  # T = 0.5 (avg@8; ~2 minutes a stage). Greedy accuracy stays the main column.
   if not tiny:
     for stage in config.stages[2:]:
       if stage.kind != 'reward_model':

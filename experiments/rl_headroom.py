@@ -72,7 +72,7 @@ def main(argv):
     raise FileNotFoundError(f'{items_path}: run the stage (its held-out evaluation) first')
   greedy = {i['id']: i['score'] for i in map(json.loads, open(items_path))}
   _, eval_records = runner.run_data(config)
-  records = [r for r in eval_records if evaluate.is_math(r) or r['task'] in evaluate.CODE_TASKS]
+  records = [r for r in eval_records if evaluate.is_verifiable(r)]
   max_new_tokens = {s.name: s for s in config.stages}[stage].eval.max_new_tokens
   temperatures = [float(t) for t in _TEMPERATURES.value]
   sampled = {t: evaluate.sample_scores(spec, params, tokenizer, records, k=_K.value,

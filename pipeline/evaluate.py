@@ -103,6 +103,12 @@ def is_math(record: dict) -> bool:
   return record['task'] not in CODE_TASKS + AGENT_TASKS + ('chat',)
 
 
+def is_verifiable(record: dict) -> bool:
+  """Math and code items: scored by a checker, so sampled completions can be
+  scored too (eval.samples, experiments/rl_headroom.py)."""
+  return is_math(record) or record['task'] in CODE_TASKS
+
+
 def sound_flags(records: Sequence[dict], completions: Sequence[str]) -> list[bool | None]:
   """`reasoning_gym_math.sound` for math records, None for the others."""
   return [reasoning_gym_math.sound(r, c) if is_math(r) else None
@@ -201,7 +207,7 @@ def evaluate(spec: state_lib.ModelSpec, params, tokenizer, records: Sequence[dic
     sound = sound_flags(generated, completions)
     metrics.update(summarize(generated, scores, sound))
     sampled = {}
-    verifiable = [r for r in generated if is_math(r) or r['task'] in CODE_TASKS]
+    verifiable = [r for r in generated if is_verifiable(r)]
     if cfg.get('samples', 0) and verifiable:
       per_item = sample_scores(spec, params, tokenizer, verifiable, k=cfg.samples,
                                temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
