@@ -156,6 +156,27 @@ def load_params(path: str, like_params):
   return checkpointer.restore(path, _abstract(like_params))
 
 
+def exists_on_every_process(path: str) -> bool:
+  """Whether `path` exists, looked up by every process before any goes on.
+
+  For a file that process 0 writes next (a stage's filter.json): a process
+  that looked later than process 0 wrote it would take the resume branch
+  alone, or read half a file.
+  """
+  found = os.path.exists(path)
+  multihost_utils.sync_global_devices(f'looked up {path}')
+  return found
+
+
+def write_json(path: str, obj, **dump_kwargs) -> None:
+  """json.dump to a temporary file renamed over `path`: a reader, or a kill
+  mid-write, never sees half a file."""
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, **dump_kwargs)
+  os.replace(tmp, path)
+
+
 def write_model_meta(stage_dir: str, tokenizer, model_cfg) -> None:
   """Next to final/: what a later stage must check before using the params.
   Written by process 0; the others wait until it exists."""

@@ -323,7 +323,7 @@ def run(cfg, ctx: loop.StageContext) -> dict:
   data = stage_data.load(cfg.data, seed=ctx.data_seed)
   candidates = data.all_train()
   filter_path = os.path.join(ctx.stage_dir, 'filter.json')
-  if os.path.exists(filter_path):  # resume: the filter ran before the first step
+  if checkpoint.exists_on_every_process(filter_path):  # resume: the filter ran already
     prompts, filter_stats = load_filter(filter_path, candidates)
   elif cfg.filter.enabled:
     pool = PromptIterator(candidates, 1, ctx.seed).take(min(cfg.filter.num_candidates,
@@ -354,8 +354,8 @@ def run(cfg, ctx: loop.StageContext) -> dict:
     prompts = candidates
     filter_stats = {'candidates': len(candidates), 'kept': len(candidates)}
   if ctx.is_logger and not os.path.exists(filter_path):
-    with open(filter_path, 'w') as f:
-      json.dump({'kept': [r['id'] for r in prompts], 'stats': filter_stats}, f)
+    checkpoint.write_json(filter_path, {'kept': [r['id'] for r in prompts],
+                                        'stats': filter_stats})
 
   tx, schedule = make_optimizer(cfg.optim, cfg.steps)
   state, shardings = state_lib.init_train_state(spec, params, tx, ctx.mesh, ctx.seed)

@@ -221,11 +221,8 @@ class Summary:
   def save(self) -> None:
     if not self.write_enabled:
       return
-    tmp = self.path + '.tmp'
-    with open(tmp, 'w') as f:
-      extra = {'untrained': self.untrained} if self.untrained else {}
-      json.dump({'stages': self.stages, **extra}, f, indent=2)
-    os.replace(tmp, self.path)
+    extra = {'untrained': self.untrained} if self.untrained else {}
+    checkpoint.write_json(self.path, {'stages': self.stages, **extra}, indent=2)
 
 
 def _hf_params_path(workdir: str, model: str) -> str:
@@ -257,9 +254,7 @@ def ensure_hf_params(config, model: str, model_cfg: ModelConfig, mesh, rules, to
     with jax.set_mesh(mesh):
       params = hf.load_params(source, model_cfg, spec.param_shardings)
     checkpoint.save_params(path, params)
-    if jax.process_index() == 0:
-      checkpoint.write_model_meta(os.path.dirname(path), tokenizer, model_cfg)
-    multihost_utils.sync_global_devices('hf_init')
+    checkpoint.write_model_meta(os.path.dirname(path), tokenizer, model_cfg)
   return path
 
 

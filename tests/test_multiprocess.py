@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -93,6 +94,20 @@ def wait_all(procs, timeout_s: float) -> list[tuple[int, str]]:
   return out
 
 
+def failure_report(results: list[tuple[int, str]]) -> str:
+  """Every process's exit code, the first lines that look like an error (an
+  abort's cause is printed long before its stack) and the output's tail."""
+  parts = []
+  for pid, (rc, text) in enumerate(results):
+    lines = text.splitlines()
+    first = next((i for i, line in enumerate(lines)
+                  if re.search(r'Error|error:|ERROR|^[EF]\d{4} |Traceback', line)), len(lines))
+    parts.append(f'--- process {pid}: exit code {rc}; from the first error line:\n'
+                 + '\n'.join(lines[first:first + 40])[:4000]
+                 + f'\n--- process {pid}: last lines:\n' + '\n'.join(lines[-30:])[-3000:])
+  return '\n'.join(parts)
+
+
 def load_final(stage_dir: str) -> dict:
   """A stage's final params as numpy arrays (whatever mesh wrote them)."""
   path = os.path.abspath(os.path.join(stage_dir, 'final'))
@@ -128,8 +143,7 @@ def test_two_processes_match_one(tmp_path):
   procs = launch(str(config), str(tmp_path / 'mp'), devices=2, num_processes=2, port=port,
                  timeout_s=120)
   results = wait_all(procs, 900)
-  for pid, (rc, text) in enumerate(results):
-    assert rc == 0, f'process {pid}:\n{text[-3000:]}'
+  assert all(rc == 0 for rc, _ in results), failure_report(results)
   assert 'process 0 of 2, 2 local / 4 global devices' in results[0][1]
   assert_same_run(str(tmp_path / 'ref'), str(tmp_path / 'mp'))
   # Process 0 alone writes the reports.
@@ -209,3 +223,72 @@ def test_bad_launch_arguments_name_the_problem():
   for kwargs, match in bad:
     with pytest.raises(ValueError, match=match):
       distributed.initialize(distributed.Launch(**kwargs))
+
+
+class _AsProcess:
+  """The `jax` a module sees, with process_index() = `index` (orbax and the
+  arrays stay those of this single process)."""
+
+  def __init__(self, index: int):
+    self._index = index
+
+  def process_index(self) -> int:
+    return self._index
+
+  def __getattr__(self, name):
+    return getattr(jax, name)
+
+
+def test_every_process_meets_the_same_barriers_importing_a_checkpoint(tmp_path, monkeypatch):
+  """A barrier called in a process-0-only branch waits for peers that call
+  another one (or none): the run aborts. Importing a Hugging Face checkpoint
+  as process 0 and as process 1 must pass the same barriers in order."""
+  from jax.experimental import multihost_utils
+
+  from configs import hf_example
+  from data.hf_tokenizer import HFTokenizer
+  from pipeline import checkpoint, runner, sharding
+  from test_hf_pipeline import make_checkpoint
+  teacher = make_checkpoint(tmp_path / 'teacher', 'qwen2', hidden_size=16,
+                            num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=1)
+  config = hf_example.get_config(f'{teacher},tiny')
+  tokenizer = HFTokenizer.load(teacher)
+  model_cfg = runner.model_configs(config, tokenizer.vocab_size)['teacher']
+  mesh = sharding.make_mesh(tuple(config.mesh.shape))
+  rules = tuple(tuple(r) for r in config.mesh.rules)
+  barriers = {}
+  for index in (0, 1):
+    workdir = str(tmp_path / f'as_process_{index}')
+    names = barriers[index] = []
+    monkeypatch.setattr(multihost_utils, 'sync_global_devices',
+                        lambda name: names.append(name.replace(workdir, '<workdir>')))
+    monkeypatch.setattr(runner, 'jax', _AsProcess(index))
+    monkeypatch.setattr(checkpoint, 'jax', _AsProcess(index))
+    runner.ensure_hf_params(config, 'teacher', model_cfg, mesh, rules, tokenizer, workdir)
+  assert barriers[0] and barriers[1] == barriers[0]
+  assert os.path.exists(tmp_path / 'as_process_0' / 'hf_init' / 'teacher' / 'model_meta.json')
+
+
+def test_a_file_process_0_writes_next_is_looked_up_before_it_exists(tmp_path, monkeypatch):
+  """GRPO's filter.json: process 0 writes it right after the lookup, so a
+  process that looked later would resume alone (or read half a file)."""
+  from jax.experimental import multihost_utils
+
+  from pipeline import checkpoint
+  path = tmp_path / 'filter.json'
+  # The barrier releases and process 0 writes the file at once.
+  monkeypatch.setattr(multihost_utils, 'sync_global_devices',
+                      lambda name: checkpoint.write_json(str(path), {'kept': []}))
+  assert not checkpoint.exists_on_every_process(str(path))
+  assert checkpoint.exists_on_every_process(str(path))
+
+
+def test_json_writes_are_atomic(tmp_path):
+  """A write that fails midway leaves the previous file whole."""
+  from pipeline import checkpoint
+  path = str(tmp_path / 'summary.json')
+  checkpoint.write_json(path, {'stages': [1, 2]})
+  with pytest.raises(TypeError):
+    checkpoint.write_json(path, {'stages': [1, object()]})
+  with open(path) as f:
+    assert json.load(f) == {'stages': [1, 2]}
