@@ -292,6 +292,16 @@ def _reward_model(config, index: int, workdir: str) -> dict:
           'reward_model_name': earlier[name].model}
 
 
+def _held_out(spec, params, tokenizer, eval_records, eval_cfg, seed: int, folder: str) -> dict:
+  """The held-out suite's metrics; process 0 writes the per-item scores in `folder`."""
+  items_path = None
+  if jax.process_index() == 0:
+    os.makedirs(folder, exist_ok=True)
+    items_path = os.path.join(folder, loop.EVAL_ITEMS_FILE)
+  return evaluate.evaluate(spec, params, tokenizer, eval_records, eval_cfg, seed=seed,
+                           items_path=items_path)
+
+
 def _eval_untrained(config, models, mesh, rules, tokenizer, eval_records, workdir) -> dict:
   """The held-out suite on the first stage's model at initialisation (its
   Hugging Face weights, if it has some): the baseline every stage's gains
@@ -305,12 +315,8 @@ def _eval_untrained(config, models, mesh, rules, tokenizer, eval_records, workdi
       params = checkpoint.load_params(path, state_lib.abstract_params(spec))
     else:
       params = state_lib.init_params(spec, config.seed)
-    items_path = None
-    if jax.process_index() == 0:
-      os.makedirs(os.path.join(workdir, 'untrained'), exist_ok=True)
-      items_path = os.path.join(workdir, 'untrained', loop.EVAL_ITEMS_FILE)
-    metrics = evaluate.evaluate(spec, params, tokenizer, eval_records, first.eval,
-                                seed=config.seed, items_path=items_path)
+    metrics = _held_out(spec, params, tokenizer, eval_records, first.eval, config.seed,
+                        os.path.join(workdir, 'untrained'))
   logging.info('untrained %s: %s', first.model, metrics)
   return {'model': first.model, 'eval': metrics}
 
@@ -423,9 +429,8 @@ def reevaluate(config, workdir: str, names: list[str]) -> dict:
       spec = state_lib.model_spec(models[stage.model], mesh, rules)
       params = checkpoint.load_params(os.path.join(stage_dir, 'final'),
                                       state_lib.abstract_params(spec))
-      metrics = evaluate.evaluate(
-          spec, params, tokenizer, eval_records, stage.eval, seed=config.seed + index[name],
-          items_path=os.path.join(stage_dir, loop.EVAL_ITEMS_FILE) if is_logger else None)
+      metrics = _held_out(spec, params, tokenizer, eval_records, stage.eval,
+                          config.seed + index[name], stage_dir)
     entry = summary.entry(name)
     entry['eval'].update(metrics)
     summary.save()
@@ -446,5 +451,4 @@ def copy_run_without(base: str, target: str, dropped: list[str]) -> None:
   for stage in summary['stages']:
     if stage['name'] in dropped:
       stage.update(status='pending', steps=0, wall_s=0.0, eval={})
-  with open(os.path.join(target, 'summary.json'), 'w') as f:
-    json.dump(summary, f, indent=2)
+  checkpoint.write_json(os.path.join(target, 'summary.json'), summary, indent=2)

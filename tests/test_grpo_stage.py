@@ -86,12 +86,14 @@ def test_sft_anchor_adds_the_reference_cross_entropy():
     for coef in (0.0, 0.5):
       state, _ = state_lib.init_train_state(spec, params, tx, mesh, seed=0)
       cfg = dataclasses.replace(GCFG, sft_coef=coef)
-      _, metrics = grpo.train_step(state, batch, spec=spec, tx=tx, schedule=schedule, cfg=cfg)
+      step = jax.jit(functools.partial(grpo.train_step, spec=spec, tx=tx, schedule=schedule,
+                                       cfg=cfg))
+      _, metrics = step(state, batch)
       losses[coef] = metrics
     ce_sum, sums = sft.loss_and_metrics(params, batch['sft'], spec)
     ce = float(ce_sum / sums['num_tokens'])
-    ce_grads = jax.grad(lambda p: sft.loss_and_metrics(p, batch['sft'], spec)[0] /
-                        sums['num_tokens'])(params)
+    ce_grads = jax.jit(jax.grad(lambda p: sft.loss_and_metrics(p, batch['sft'], spec)[0] /
+                                sums['num_tokens']))(params)
   np.testing.assert_allclose(losses[0.5]['sft_loss'], ce, rtol=1e-5)
   np.testing.assert_allclose(losses[0.5]['loss'], losses[0.0]['loss'] + 0.5 * ce, rtol=1e-5)
   assert 'sft_loss' not in losses[0.0] and 'grad_cosine' not in losses[0.0]
