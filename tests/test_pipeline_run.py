@@ -115,16 +115,6 @@ def test_stop_after_a_finished_stage_runs_nothing_after_it(tiny_run, tmp_path):
     assert [s['status'] for s in json.load(f)['stages']][2:] == ['pending'] * (len(names) - 2)
 
 
-def test_override_by_index(tmp_path):
-  proc = cli(str(tmp_path), '--config.stages.0.steps=2', '--config.stages.1.steps=1',
-             '--config.stop_after=overall_sft', '--config.eval_untrained=False')
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  with open(tmp_path / 'summary.json') as f:
-    stages = json.load(f)['stages']
-  assert [s['steps'] for s in stages[:2]] == [2, 1]
-  assert all(s['status'] == 'pending' for s in stages[2:])
-
-
 def test_unequal_eval_budgets_are_an_error(tmp_path):
   """Every row of the summary scores the same held-out suite: one generation
   budget, or the rows do not compare (a 64-token budget once cut traces)."""
@@ -260,16 +250,22 @@ def test_sigterm_in_distill_and_grpo_then_resume_equals_uninterrupted(tiny_run, 
                  final_params(tiny_run, stage))
 
 
-def test_relative_workdir(tmp_path):
-  """`--workdir=runs/x` as in the README: checkpoints need absolute paths."""
+def test_relative_workdir_and_overrides_by_index(tmp_path):
+  """`--workdir=runs/x` as in the README (checkpoints need absolute paths),
+  with stage settings overridden by index."""
   proc = subprocess.run([sys.executable, '-m', 'pipeline.main',
                          f'--config={os.path.join(ROOT, "configs/default.py")}:tiny',
-                         '--workdir=runs/relative', '--config.stop_after=cold_start_sft',
+                         '--workdir=runs/relative', '--config.stop_after=overall_sft',
                          '--config.stages.0.steps=2', '--config.stages.0.checkpoint_every=1',
-                         '--config.eval_untrained=False'],
+                         '--config.stages.1.steps=1', '--config.eval_untrained=False'],
                         cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert os.path.isdir(tmp_path / 'runs' / 'relative' / 'cold_start_sft' / 'checkpoints' / '2')
+  workdir = tmp_path / 'runs' / 'relative'
+  assert os.path.isdir(workdir / 'cold_start_sft' / 'checkpoints' / '2')
+  with open(workdir / 'summary.json') as f:
+    stages = json.load(f)['stages']
+  assert [s['steps'] for s in stages[:2]] == [2, 1]
+  assert all(s['status'] == 'pending' for s in stages[2:])
 
 
 def test_tiny_distill_takes_on_policy_steps(tiny_run):
