@@ -181,9 +181,9 @@ def write_model_meta(stage_dir: str, tokenizer, model_cfg) -> None:
   """Next to final/: what a later stage must check before using the params.
   Written by process 0; the others wait until it exists."""
   if jax.process_index() == 0:
-    with open(os.path.join(stage_dir, META_FILE), 'w') as f:
-      json.dump({'tokenizer_fingerprint': tokenizer.fingerprint(),
-                 'model': dataclasses.asdict(model_cfg)}, f, indent=2)
+    write_json(os.path.join(stage_dir, META_FILE),
+               {'tokenizer_fingerprint': tokenizer.fingerprint(),
+                'model': dataclasses.asdict(model_cfg)}, indent=2)
   multihost_utils.sync_global_devices(f'model_meta {stage_dir}')
 
 

@@ -323,7 +323,8 @@ def run(cfg, ctx: loop.StageContext) -> dict:
   data = stage_data.load(cfg.data, seed=ctx.data_seed)
   candidates = data.all_train()
   filter_path = os.path.join(ctx.stage_dir, 'filter.json')
-  if checkpoint.exists_on_every_process(filter_path):  # resume: the filter ran already
+  resumed = checkpoint.exists_on_every_process(filter_path)  # the filter ran already
+  if resumed:
     prompts, filter_stats = load_filter(filter_path, candidates)
   elif cfg.filter.enabled:
     pool = PromptIterator(candidates, 1, ctx.seed).take(min(cfg.filter.num_candidates,
@@ -353,7 +354,7 @@ def run(cfg, ctx: loop.StageContext) -> dict:
   else:
     prompts = candidates
     filter_stats = {'candidates': len(candidates), 'kept': len(candidates)}
-  if ctx.is_logger and not os.path.exists(filter_path):
+  if ctx.is_logger and not resumed:
     checkpoint.write_json(filter_path, {'kept': [r['id'] for r in prompts],
                                         'stats': filter_stats})
 

@@ -439,9 +439,10 @@ def run(cfg, ctx: loop.StageContext) -> dict:
                           state['head'], eval_pairs, eval_batch)
   metrics.update({f'pairs/{k}': v for k, v in train_pairs.stats.items()})
   if ctx.is_logger:
-    with open(os.path.join(ctx.stage_dir, INFO_FILE), 'w') as f:
-      json.dump({'seq_len': cfg.seq_len, 'reward_mean': metrics.get('reward_mean', 0.0),
-                 'reward_std': metrics.get('reward_std', 1.0), 'eval': metrics}, f, indent=2)
+    checkpoint.write_json(os.path.join(ctx.stage_dir, INFO_FILE),
+                          {'seq_len': cfg.seq_len, 'reward_mean': metrics.get('reward_mean', 0.0),
+                           'reward_std': metrics.get('reward_std', 1.0), 'eval': metrics},
+                          indent=2)
   if rows := loop.train_rows(history):
     metrics['final_train_loss'] = rows[-1]['loss']
   return {'steps': cfg.steps, 'eval': metrics, 'history': history}

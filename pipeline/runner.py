@@ -389,8 +389,7 @@ def run_pipeline(config, workdir: str) -> dict:
     summary.save()
     if is_logger:
       _write_eval_table(stage_dir, stage.name, result['eval'])
-      with open(os.path.join(stage_dir, 'history.json'), 'w') as f:
-        json.dump(result['history'], f)
+      checkpoint.write_json(os.path.join(stage_dir, 'history.json'), result['history'])
     # Files process 0 wrote in the stage (e.g. a reward model's statistics)
     # are read by every process in later stages: wait for them.
     multihost_utils.sync_global_devices(f'stage {stage.name} done')
